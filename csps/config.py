@@ -1,0 +1,126 @@
+"""Frozen engine configuration: model, cache, scheduler and parallel settings. No torch.
+
+Each field carries its help text in `metadata`, from which the CLI builds its flags, so there is
+one source of truth. Discoveries made at start-up (the model's context length, how many KV blocks
+fit) are returned by the code that finds them, never written back into a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+SCHEDULER_POLICIES = ("sarathi", "vllm")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = field(default="smollm2-135m", metadata=_help(
+        "Model name (smollm2-135m), a Hugging Face folder, or a .gguf file."))
+    served_model_name: str | None = field(default=None, metadata=_help(
+        "Name reported by /v1/models and required in requests (default: the model argument)."))
+    dtype: str = field(default="auto", metadata=_help(
+        "Weight and activation dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, "
+        "bfloat16, float16."))
+    max_model_len: int | None = field(default=None, metadata=_help(
+        "Longest prompt plus output, in tokens (default: the model's max_position_embeddings)."))
+    device: str = field(default="auto", metadata=_help("auto, cpu or cuda."))
+    seed: int = field(default=0, metadata=_help("Seed for weights-free randomness (sampling)."))
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = field(default=16, metadata=_help("Tokens per KV cache block."))
+    kv_cache_memory_bytes: int = field(default=2 << 30, metadata=_help(
+        "Memory for the KV cache of each worker, in bytes (suffixes K, M, G accepted)."))
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.kv_cache_memory_bytes < 1:
+            raise ValueError("kv_cache_memory_bytes must be positive")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    policy: str = field(default="sarathi", metadata=_help(
+        "Scheduling policy: sarathi (chunked prefill, stall-free batching) or vllm "
+        "(prefill-first, no chunking)."))
+    max_num_batched_tokens: int | None = field(default=None, metadata=_help(
+        "Token budget per iteration (default: 512 for sarathi, max_model_len for vllm)."))
+    max_num_seqs: int = field(default=256, metadata=_help("Most requests running at once."))
+    max_waiting_requests: int = field(default=1024, metadata=_help(
+        "Most requests queued; past this the server answers 503."))
+
+    def __post_init__(self) -> None:
+        if self.policy not in SCHEDULER_POLICIES:
+            raise ValueError(f"policy must be one of {SCHEDULER_POLICIES}, got {self.policy!r}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be positive")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be positive")
+        if self.max_waiting_requests < 1:
+            raise ValueError("max_waiting_requests must be positive")
+
+    def token_budget(self, max_model_len: int) -> int:
+        """The per-iteration token budget once the context length is known."""
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return 512 if self.policy == "sarathi" else max_model_len
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    sequence_parallel_size: int = field(default=1, metadata=_help(
+        "Workers a long prompt's prefill is split over (vLLM's -pcp / -dcp)."))
+    tensor_parallel_size: int = field(default=1, metadata=_help("Tensor-parallel workers."))
+
+    def __post_init__(self) -> None:
+        if self.sequence_parallel_size < 1 or self.tensor_parallel_size < 1:
+            raise ValueError("parallel sizes must be positive")
+
+    @property
+    def world_size(self) -> int:
+        return self.sequence_parallel_size * self.tensor_parallel_size
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_bytes(text: str | int) -> int:
+    """'2G' -> 2147483648; plain integers pass through. Raises ValueError on junk."""
+    if isinstance(text, int):
+        return text
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    s = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        if s and s[-1] in units:
+            return int(float(s[:-1]) * units[s[-1]])
+        return int(s)
+    except ValueError:
+        raise ValueError(f"not a byte size: {text!r}") from None

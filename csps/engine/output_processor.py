@@ -1,0 +1,80 @@
+"""Turns sampled token ids into vLLM-shaped RequestOutputs: incremental detokenization, stop
+strings, per-request timestamps and per-iteration stats. No torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from csps.engine.outputs import (CompletionOutput, FinishedRequestStats, IterationStats,
+                                 RequestMetrics, RequestOutput)
+from csps.request import SamplingParams
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detokenizer: object  # IncrementalDetokenizer: .add(token_id) -> str
+    metrics: RequestMetrics
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def append(self, token_id: int) -> str:
+        """Add a token; return the new text, truncated at a stop string if one completes."""
+        old_len = len(self.text)
+        self.token_ids.append(token_id)
+        self.text += self.detokenizer.add(token_id)
+        for stop in self.params.stop:
+            at = self.text.find(stop, max(0, old_len - len(stop) + 1))
+            if at >= 0:
+                end = at + len(stop) if self.params.include_stop_str_in_output else at
+                self.text = self.text[:end]
+                self.finish_reason, self.stop_reason = "stop", stop
+                break
+        return self.text[old_len:] if len(self.text) >= old_len else ""
+
+    def to_output(self, delta_text: str, delta_token_ids: list[int],
+                  error: str | None = None) -> RequestOutput:
+        completion = CompletionOutput(
+            text=self.text, token_ids=list(self.token_ids), finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason, delta_text=delta_text, delta_token_ids=delta_token_ids)
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids, outputs=[completion],
+            finished=self.finish_reason is not None, metrics=self.metrics, error=error)
+
+
+def finished_stats(state: RequestState) -> FinishedRequestStats:
+    """Per-request latencies for the stat loggers, from the request's timestamps."""
+    m = state.metrics
+    first_scheduled = m.first_scheduled_time or m.arrival_time
+    first_token = m.first_token_time or m.finished_time or first_scheduled
+    finished = m.finished_time or first_token
+    num_generated = len(state.token_ids)
+    tpot = (finished - first_token) / (num_generated - 1) if num_generated > 1 else None
+    return FinishedRequestStats(
+        finish_reason=state.finish_reason or "abort",
+        num_prompt_tokens=len(state.prompt_token_ids),
+        num_generation_tokens=num_generated,
+        e2e_latency_s=finished - m.arrival_time,
+        queue_time_s=first_scheduled - m.arrival_time,
+        prefill_time_s=first_token - first_scheduled,
+        decode_time_s=finished - first_token,
+        time_per_output_token_s=tpot,
+    )
+
+
+def record_token_time(state: RequestState, now: float, stats: IterationStats) -> None:
+    """Stamp a new token's arrival and add its TTFT or inter-token latency to `stats`."""
+    m = state.metrics
+    if m.first_token_time is None:
+        m.first_token_time = now
+        stats.ttfts_s.append(now - m.arrival_time)
+    else:
+        stats.inter_token_latencies_s.append(now - (m.last_token_time or now))
+    m.last_token_time = now

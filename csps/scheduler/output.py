@@ -1,0 +1,69 @@
+"""The contract between deciding and doing: what the scheduler sends down each iteration and what
+comes back up. Plain dataclasses of ints and lists, picklable, no torch (style.md section 6.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from csps.request import SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of an iteration.
+
+    The worker processes `token_ids` at positions
+    [num_computed_tokens, num_computed_tokens + len(token_ids)), writes their K/V into the slots
+    given by `block_ids`, attends over positions [0, num_computed_tokens + len(token_ids)), and
+    samples one token from the last position when `do_sample` is set.
+    """
+
+    request_id: str
+    token_ids: list[int]  # the tokens to run this iteration (a prompt chunk, or 1 decode token)
+    num_computed_tokens: int  # tokens whose K/V is already in the cache
+    block_ids: list[int]  # the request's whole block table, in order
+    sampling_params: SamplingParams
+    do_sample: bool  # True for the last prefill chunk and for every decode step
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.do_sample and len(self.token_ids) == 1 and self.num_computed_tokens > 0
+
+
+@dataclass
+class SchedulerOutput:
+    """Everything a worker needs for one iteration. Decode requests come first, then prefills."""
+
+    iteration: int
+    scheduled_requests: list[ScheduledRequest] = field(default_factory=list)
+    finished_request_ids: list[str] = field(default_factory=list)  # drop per-request worker state
+    preempted_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(r.num_scheduled_tokens for r in self.scheduled_requests)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(1 for r in self.scheduled_requests if r.is_decode)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return self.total_num_scheduled_tokens - self.num_decode_tokens
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled_requests
+
+
+@dataclass
+class RunnerOutput:
+    """What the worker returns: one sampled token per request that had `do_sample` set."""
+
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    execute_time_s: float = 0.0  # wall time the worker spent on the iteration

@@ -1,0 +1,210 @@
+"""Scheduler: owns the waiting and running queues and the KV bookkeeping, and emits one
+SchedulerOutput per iteration. The chosen policy decides; this class keeps the books. No torch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from csps.config import SchedulerConfig
+from csps.kvcache.kv_cache_manager import KVCacheManager
+from csps.request import Request, RequestStatus
+from csps.scheduler.batch import BatchBuilder
+from csps.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
+from csps.scheduler.policy import make_policy
+
+
+@dataclass
+class RequestUpdate:
+    """What one iteration did to a request: tokens it gained and whether it finished."""
+
+    request: Request
+    new_token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    stop_reason: int | None = None  # the stop token id that ended it, if any
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager,
+                 max_model_len: int) -> None:
+        self.config = config
+        self.kv_cache_manager = kv_cache_manager
+        self.max_model_len = max_model_len
+        self.token_budget = config.token_budget(max_model_len)
+        self.policy = make_policy(config.policy)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last is the newest
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: list[str] = []  # reported to workers in the next output
+        self._preempted_ids: list[str] = []
+        self._iteration = 0
+
+    # ---- queue management -------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        if not self.policy.chunks_prefill and request.num_tokens > self.token_budget:
+            raise ValueError(f"prompt of {request.num_tokens} tokens exceeds the "
+                             f"{self.token_budget}-token budget of the {self.config.policy} policy")
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+        self.requests[request.request_id] = request
+
+    def abort_requests(self, request_ids: list[str]) -> list[Request]:
+        """Finish the given requests as aborted and free their KV; unknown ids are ignored."""
+        aborted = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is not None and not request.is_finished:
+                self._finish(request, RequestStatus.FINISHED_ABORTED)
+                aborted.append(request)
+        return aborted
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv_cache_manager.free(request.request_id)
+        del self.requests[request.request_id]
+        self._finished_ids.append(request.request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def can_run_more(self) -> bool:
+        return len(self.running) < self.config.max_num_seqs
+
+    # ---- helpers the policies call ----------------------------------------------------------
+    def schedule_decode(self, request: Request, batch: BatchBuilder) -> bool:
+        """Schedule one decode token, preempting the newest requests if KV runs out. False if
+        the request itself had to be preempted or the budget is spent."""
+        if batch.token_budget < 1:
+            return False
+        while not self.kv_cache_manager.allocate_slots(request.request_id, request.num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim, batch)
+            if victim is request:
+                return False
+        batch.add(request, 1)
+        return True
+
+    def schedule_prefill(self, request: Request, batch: BatchBuilder, chunked: bool) -> bool:
+        """Schedule the next prefill chunk of a request whose KV is already reserved."""
+        remaining = request.num_tokens - request.num_computed_tokens
+        num_tokens = min(remaining, batch.token_budget) if chunked else remaining
+        if num_tokens < 1 or num_tokens > batch.token_budget:
+            return False
+        batch.add(request, num_tokens)
+        return True
+
+    def admit(self, request: Request, batch: BatchBuilder, chunked: bool) -> bool:
+        """Move the head of the waiting queue to running, reserving KV for all its known tokens."""
+        if not chunked and request.num_tokens > batch.token_budget:
+            return False
+        if not self.kv_cache_manager.allocate_slots(request.request_id, request.num_tokens):
+            return False
+        self.waiting.popleft()
+        self.running.append(request)
+        request.status = RequestStatus.RUNNING
+        return self.schedule_prefill(request, batch, chunked)
+
+    def _preempt(self, request: Request, batch: BatchBuilder) -> None:
+        """Preempt by recompute: free the KV and requeue at the front of the waiting queue."""
+        self.running.remove(request)
+        batch.remove(request)
+        self.kv_cache_manager.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(request)
+        self._preempted_ids.append(request.request_id)
+
+    # ---- the iteration ----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        batch = BatchBuilder(self.token_budget)
+        self.policy.schedule(self, batch)
+        self._iteration += 1
+        decodes = [(r, n) for r, n in batch.entries if not r.is_prefill]
+        prefills = [(r, n) for r, n in batch.entries if r.is_prefill]
+        output = SchedulerOutput(
+            iteration=self._iteration,
+            scheduled_requests=[self._to_scheduled(r, n) for r, n in decodes + prefills],
+            finished_request_ids=self._finished_ids,
+            preempted_request_ids=self._preempted_ids,
+        )
+        self._finished_ids, self._preempted_ids = [], []
+        return output
+
+    def _to_scheduled(self, request: Request, num_tokens: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids[start:start + num_tokens],
+            num_computed_tokens=start,
+            block_ids=list(self.kv_cache_manager.block_ids(request.request_id)),
+            sampling_params=request.sampling_params,
+            do_sample=start + num_tokens == request.num_tokens,
+        )
+
+    def update_from_output(self, output: SchedulerOutput,
+                           runner_output: RunnerOutput) -> list[RequestUpdate]:
+        """Advance counters, append sampled tokens, and finish requests that hit a stop rule."""
+        updates = []
+        for scheduled in output.scheduled_requests:
+            request = self.requests.get(scheduled.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted or preempted while the iteration ran
+            request.num_computed_tokens += scheduled.num_scheduled_tokens
+            token_id = runner_output.sampled_token_ids.get(scheduled.request_id)
+            if not scheduled.do_sample or token_id is None:
+                continue
+            request.output_token_ids.append(token_id)
+            update = RequestUpdate(request, [token_id])
+            status, update.stop_reason = self._check_stop(request, token_id)
+            if status is not None:
+                self._finish(request, status)
+                update.finished = True
+            updates.append(update)
+        return updates
+
+    def _check_stop(self, request: Request, token_id: int) -> tuple[RequestStatus | None, int | None]:
+        params = request.sampling_params
+        if token_id == request.eos_token_id and not params.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED, None
+        if token_id in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED, token_id
+        if len(request.output_token_ids) >= request.max_tokens:
+            return RequestStatus.FINISHED_LENGTH, None
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH, None
+        return None, None
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        """Finish a request for a reason found outside the scheduler (a stop string)."""
+        request = self.requests.get(request_id)
+        if request is not None and not request.is_finished:
+            self._finish(request, status)
+
+    def check_invariants(self) -> None:
+        """Raise if the books disagree (tests call this after every step)."""
+        self.kv_cache_manager.check_invariants()
+        live = {r.request_id for r in self.running} | {r.request_id for r in self.waiting}
+        if live != set(self.requests):
+            raise AssertionError("request registry disagrees with the queues")
+        if len(self.running) > self.config.max_num_seqs:
+            raise AssertionError("more running requests than max_num_seqs")
+        for request in self.waiting:
+            if self.kv_cache_manager.block_ids(request.request_id):
+                raise AssertionError(f"waiting request {request.request_id} holds KV blocks")

@@ -1,0 +1,16 @@
+"""The pure-Python core must import without torch (style.md section 6.1)."""
+
+import subprocess
+import sys
+
+PURE_MODULES = ["csps.config", "csps.request", "csps.scheduler", "csps.kvcache.block_pool",
+                "csps.kvcache.kv_cache_manager", "csps.engine.outputs",
+                "csps.engine.output_processor"]
+
+
+def test_scheduler_core_imports_without_torch():
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in PURE_MODULES)
+            + "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\n"
+            + "print(bad); sys.exit(1 if bad else 0)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
