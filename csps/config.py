@@ -124,3 +124,24 @@ def parse_bytes(text: str | int) -> int:
         return int(s)
     except ValueError:
         raise ValueError(f"not a byte size: {text!r}") from None
+
+
+# Flat keyword names (the offline API's and the CLI's) that differ from the field names.
+_ALIASES = {"scheduler": "policy"}
+
+
+def engine_config_from_kwargs(**kwargs) -> EngineConfig:
+    """Build an EngineConfig from flat keywords, e.g. LLM(model=..., max_num_seqs=8).
+    Unknown keywords raise ValueError naming them."""
+    groups = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+              "parallel": ParallelConfig}
+    values: dict[str, dict] = {name: {} for name in groups}
+    for key, value in kwargs.items():
+        field_name = _ALIASES.get(key, key)
+        for group, cls in groups.items():
+            if field_name in {f.name for f in dataclasses.fields(cls)}:
+                values[group][field_name] = value
+                break
+        else:
+            raise ValueError(f"unknown engine argument {key!r}")
+    return EngineConfig(**{group: groups[group](**values[group]) for group in groups})

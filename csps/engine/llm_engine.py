@@ -1,0 +1,149 @@
+"""LLMEngine: the synchronous engine. Validates and admits requests, runs one iteration per
+`step()` (schedule -> execute -> update -> detokenize), and reports vLLM-shaped outputs."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from csps.config import EngineConfig
+from csps.engine.errors import QueueFullError
+from csps.engine.output_processor import (RequestState, finished_stats, record_token_time)
+from csps.engine.outputs import IterationStats, RequestMetrics, RequestOutput
+from csps.engine.worker import UniProcExecutor, resolve_device, resolve_dtype
+from csps.kvcache.capacity import kv_bytes_per_token, plan_num_blocks
+from csps.kvcache.kv_cache_manager import KVCacheManager
+from csps.model.arch_config import LlamaArchConfig
+from csps.model.registry import resolve_model
+from csps.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from csps.request import Request, RequestStatus, SamplingParams
+from csps.scheduler import Scheduler
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        model_dir = resolve_model(config.model.model)
+        self.arch = LlamaArchConfig.from_hf_dict(json.loads((model_dir / "config.json").read_text()))
+        self.tokenizer = Tokenizer(model_dir)
+        self.model_name = config.model.name
+        self.max_model_len = config.model.max_model_len or self.arch.max_position_embeddings
+        device = resolve_device(config.model.device)
+        dtype = resolve_dtype(config.model.dtype, device)
+        bytes_per_token = kv_bytes_per_token(self.arch.num_hidden_layers,
+                                             self.arch.num_key_value_heads, self.arch.head_dim,
+                                             dtype)
+        num_blocks = plan_num_blocks(config.cache.kv_cache_memory_bytes, config.cache.block_size,
+                                     bytes_per_token, self.max_model_len)
+        self.executor = UniProcExecutor(
+            model_dir=model_dir, arch=self.arch, dtype=dtype, device=device,
+            num_blocks=num_blocks, block_size=config.cache.block_size, seed=config.model.seed)
+        self.scheduler = Scheduler(config.scheduler,
+                                   KVCacheManager(num_blocks, config.cache.block_size),
+                                   self.max_model_len)
+        self._states: dict[str, RequestState] = {}
+
+    # ---- admission --------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Check a request against the model; return its resolved max_tokens. ValueError with a
+        user-facing message if it cannot be served."""
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise ValueError("The prompt is empty.")
+        vocab = self.arch.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"Token ids must be integers in [0, {vocab}).")
+        room = self.max_model_len - num_prompt
+        if room < 1:
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} "
+                             f"tokens. However, your prompt has {num_prompt} tokens, which "
+                             f"leaves no room for output.")
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} "
+                             f"tokens. However, you requested {num_prompt + params.max_tokens} "
+                             f"tokens ({num_prompt} in the prompt, {params.max_tokens} for the "
+                             f"completion). Please reduce the prompt or max_tokens.")
+        if not self.scheduler.policy.chunks_prefill and num_prompt > self.scheduler.token_budget:
+            raise ValueError(f"The prompt has {num_prompt} tokens, over the "
+                             f"{self.scheduler.token_budget}-token budget of the "
+                             f"'{self.scheduler.policy.name}' scheduler.")
+        return params.max_tokens if params.max_tokens is not None else room
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams, arrival_time: float | None = None) -> None:
+        max_tokens = self.validate(prompt_token_ids, params)
+        if self.scheduler.num_waiting >= self.config.scheduler.max_waiting_requests:
+            raise QueueFullError(f"The server is busy: {self.scheduler.num_waiting} requests "
+                                 f"are waiting. Retry later.")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        request = Request(request_id, list(prompt_token_ids), params,
+                          eos_token_id=self.tokenizer.eos_token_id, arrival_time=arrival,
+                          max_tokens=max_tokens)
+        self.scheduler.add_request(request)
+        self._states[request_id] = RequestState(
+            request_id, prompt, list(prompt_token_ids), params,
+            IncrementalDetokenizer(self.tokenizer, prompt_token_ids), RequestMetrics(arrival))
+
+    def abort_requests(self, request_ids: list[str]) -> list[RequestOutput]:
+        outputs = []
+        for request in self.scheduler.abort_requests(request_ids):
+            state = self._states.pop(request.request_id)
+            state.finish_reason = "abort"
+            outputs.append(state.to_output("", []))
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the iteration ----------------------------------------------------------------------
+    def step(self) -> tuple[list[RequestOutput], IterationStats]:
+        scheduler_output = self.scheduler.schedule()
+        now = time.monotonic()
+        for scheduled in scheduler_output.scheduled_requests:
+            metrics = self._states[scheduled.request_id].metrics
+            metrics.first_scheduled_time = metrics.first_scheduled_time or now
+        runner_output = self.executor.execute_model(scheduler_output)
+        updates = self.scheduler.update_from_output(scheduler_output, runner_output)
+        now = time.monotonic()
+        stats = IterationStats(num_prompt_tokens=scheduler_output.num_prefill_tokens,
+                               num_generation_tokens=len(updates))
+        outputs = []
+        for update in updates:
+            request = update.request
+            state = self._states[request.request_id]
+            delta = state.append(update.new_token_ids[0])
+            record_token_time(state, now, stats)
+            if update.finished and state.finish_reason is None:
+                state.finish_reason = request.finish_reason
+                state.stop_reason = update.stop_reason
+            elif state.finish_reason is not None:  # a stop string ended it
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+            if state.finish_reason is not None:
+                state.metrics.finished_time = now
+                stats.finished.append(finished_stats(state))
+                del self._states[request.request_id]
+            outputs.append(state.to_output(delta, list(update.new_token_ids)))
+        stats.num_running = self.scheduler.num_running
+        stats.num_waiting = self.scheduler.num_waiting
+        stats.kv_cache_usage = self.scheduler.kv_cache_manager.usage
+        return outputs, stats
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """Finish every live request with an error (the executor died)."""
+        outputs = []
+        for request_id in list(self._states):
+            self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
+            state = self._states.pop(request_id)
+            state.finish_reason = "error"
+            outputs.append(state.to_output("", [], error=message))
+        return outputs
+
+    def get_stats(self) -> dict:
+        pool = self.scheduler.kv_cache_manager.block_pool
+        return {"num_running": self.scheduler.num_running,
+                "num_waiting": self.scheduler.num_waiting,
+                "kv_cache_usage": pool.usage, "num_free_blocks": pool.num_free_blocks,
+                "num_total_blocks": pool.num_blocks}
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

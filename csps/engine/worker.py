@@ -1,0 +1,58 @@
+"""Worker: owns the model weights, the paged KV tensors and the ModelRunner of one rank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from csps.engine.model_runner import ModelRunner
+from csps.engine.sampler import Sampler
+from csps.kvcache.paged_cache import allocate_kv_caches
+from csps.model.loader import load_model
+from csps.scheduler.output import RunnerOutput, SchedulerOutput
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda requested but CUDA is not available")
+    return name
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    if name == "auto":
+        return "bfloat16" if device == "cuda" else "float32"
+    return name
+
+
+class Worker:
+    def __init__(self, model_dir: Path, arch, dtype: str, device: str, num_blocks: int,
+                 block_size: int, seed: int) -> None:
+        torch.manual_seed(seed)
+        self.device = torch.device(device)
+        self.model = load_model(model_dir, dtype=TORCH_DTYPES[dtype], device=self.device)
+        kv_caches = allocate_kv_caches(
+            num_layers=arch.num_hidden_layers, num_blocks=num_blocks, block_size=block_size,
+            num_kv_heads=arch.num_key_value_heads, head_dim=arch.head_dim,
+            dtype=TORCH_DTYPES[dtype], device=self.device)
+        self.runner = ModelRunner(self.model, kv_caches, block_size, self.device, Sampler(seed))
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        return self.runner.execute_model(scheduler_output)
+
+
+class UniProcExecutor:
+    """Runs the single worker in the engine's own process; its exceptions reach the caller."""
+
+    def __init__(self, **worker_kwargs) -> None:
+        self.worker = Worker(**worker_kwargs)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        return self.worker.execute_model(scheduler_output)
+
+    def shutdown(self) -> None:
+        self.worker = None

@@ -1,0 +1,63 @@
+"""The offline API: `LLM(model=...).generate(prompts, SamplingParams(...))`, as in vLLM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from csps.config import engine_config_from_kwargs
+from csps.engine.llm_engine import LLMEngine
+from csps.engine.outputs import RequestOutput
+from csps.request import SamplingParams
+
+PromptType = str | list[int]
+
+
+class LLM:
+    """An engine in this process. Keywords are the config's flat field names (see csps serve
+    --help), e.g. LLM(model="smollm2-135m", max_num_batched_tokens=512, scheduler="sarathi")."""
+
+    def __init__(self, model: str = "smollm2-135m", **kwargs) -> None:
+        self.llm_engine = LLMEngine(engine_config_from_kwargs(model=model, **kwargs))
+        self._next_id = 0
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError("sampling_params must be one per prompt")
+        engine = self.llm_engine
+        order = []
+        for prompt, params in zip(prompts, sampling_params, strict=True):
+            request_id = str(self._next_id)
+            self._next_id += 1
+            text, token_ids = ((prompt, engine.tokenizer.encode(prompt))
+                               if isinstance(prompt, str) else (None, list(prompt)))
+            engine.add_request(request_id, text, token_ids, params)
+            order.append(request_id)
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(order), disable=not use_tqdm, desc="Generating") as bar:
+            while engine.has_unfinished_requests():
+                outputs, _ = engine.step()
+                for output in outputs:
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update(1)
+        return [finished[request_id] for request_id in order]
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """One chat conversation through the model's chat template."""
+        token_ids = self.llm_engine.tokenizer.apply_chat_template(messages)
+        return self.generate([token_ids], sampling_params, use_tqdm)
