@@ -14,7 +14,7 @@ from csps.engine.worker import UniProcExecutor, resolve_device, resolve_dtype
 from csps.kvcache.capacity import kv_bytes_per_token, plan_num_blocks
 from csps.kvcache.kv_cache_manager import KVCacheManager
 from csps.model.arch_config import LlamaArchConfig
-from csps.model.registry import resolve_model
+from csps.model.resolve import resolve_model
 from csps.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from csps.request import Request, RequestStatus, SamplingParams
 from csps.scheduler import Scheduler

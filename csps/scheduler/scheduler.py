@@ -39,6 +39,7 @@ class Scheduler:
         self._finished_ids: list[str] = []  # reported to workers in the next output
         self._preempted_ids: list[str] = []
         self._iteration = 0
+        self.num_preemptions = 0  # total since start (vLLM's num_preemptions_total)
 
     # ---- queue management -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -127,6 +128,7 @@ class Scheduler:
         self.kv_cache_manager.free(request.request_id)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
         self._preempted_ids.append(request.request_id)

@@ -1,0 +1,142 @@
+"""AttentionMetadata: what attention needs to know about a flat batch of T tokens from R requests.
+
+Built once per model forward by the model runner and passed explicitly to every layer. Request r
+owns query rows query_start_loc[r]:query_start_loc[r+1] at positions num_computed_tokens[r] + i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """The requests of a batch that decode one token after a cached prefix, for batched kernels."""
+
+    request_indices: list[int]  # positions in the batch, ascending
+    token_rows: torch.Tensor  # [Rd] int64: each one's row in the flat token batch
+    block_tables: torch.Tensor  # [Rd, num_blocks] int32, trimmed to the longest of them
+    num_keys: int  # keys to attend after gathering: <= num_blocks * block_size
+    key_mask: torch.Tensor | None  # [Rd, 1, 1, num_keys] bool, True = attend; None = all
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionMetadata:
+    num_computed_tokens: list[int]  # per request: tokens already in the KV cache
+    query_lens: list[int]  # per request: new tokens in this batch
+    seq_lens: list[int]  # per request: num_computed_tokens + query_lens
+    query_start_loc: torch.Tensor  # [R + 1] int32, cu_seqlens_q
+    seq_lens_tensor: torch.Tensor  # [R] int32
+    slot_mapping: torch.Tensor | None  # [T] int64, block_id * block_size + offset; None: no cache
+    block_tables: torch.Tensor | None  # [R, max_num_blocks] int32, rows padded with 0
+    block_size: int  # tokens per KV block (0 when there is no cache)
+
+    @classmethod
+    def build(cls, requests: Sequence[tuple[int, int, Sequence[int]]], block_size: int,
+              device: torch.device | str) -> AttentionMetadata:
+        """From (num_computed_tokens, num_new_tokens, block_ids) per request, in batch order.
+
+        block_ids lists the request's KV blocks from position 0 and must cover all its
+        computed + new tokens. Raises ValueError otherwise.
+        """
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        computed, query_lens, slots, tables = [], [], [], []
+        for num_computed, num_new, block_ids in requests:
+            if num_new < 1 or num_computed < 0:
+                raise ValueError(f"bad request shape: computed={num_computed}, new={num_new}")
+            seq_len = num_computed + num_new
+            if len(block_ids) * block_size < seq_len:
+                raise ValueError(f"{len(block_ids)} blocks of {block_size} cannot hold "
+                                 f"{seq_len} tokens")
+            computed.append(num_computed)
+            query_lens.append(num_new)
+            slots.extend(block_ids[p // block_size] * block_size + p % block_size
+                         for p in range(num_computed, seq_len))
+            tables.append(list(block_ids))
+        max_blocks = max((len(t) for t in tables), default=0)
+        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+        return cls._from_lists(
+            computed, query_lens, device, block_size=block_size,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).view(
+                len(padded), max_blocks))
+
+    @classmethod
+    def build_no_cache(cls, query_lens: Sequence[int],
+                       device: torch.device | str) -> AttentionMetadata:
+        """Each request a plain causal sequence from position 0; nothing is cached."""
+        if any(n < 1 for n in query_lens):
+            raise ValueError(f"query lengths must be positive, got {list(query_lens)}")
+        return cls._from_lists([0] * len(query_lens), list(query_lens), device,
+                               block_size=0, slot_mapping=None, block_tables=None)
+
+    @classmethod
+    def _from_lists(cls, computed: list[int], query_lens: list[int], device: torch.device | str,
+                    **cache_fields) -> AttentionMetadata:
+        seq_lens = [c + q for c, q in zip(computed, query_lens, strict=True)]
+        starts = [0]
+        for q in query_lens:
+            starts.append(starts[-1] + q)
+        return cls(num_computed_tokens=computed, query_lens=query_lens, seq_lens=seq_lens,
+                   query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+                   seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+                   **cache_fields)
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    @cached_property
+    def query_starts(self) -> list[int]:
+        """query_start_loc as Python ints, [R + 1] (no device sync)."""
+        starts = [0]
+        for q in self.query_lens:
+            starts.append(starts[-1] + q)
+        return starts
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens, default=0)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens, default=0)
+
+    @property
+    def has_kv_cache(self) -> bool:
+        return self.slot_mapping is not None
+
+    @cached_property
+    def decode_batch(self) -> DecodeBatch | None:
+        """Single-query requests with a cached prefix, or None; computed once per forward."""
+        if self.block_tables is None:
+            return None
+        indices = [r for r, (c, q) in enumerate(zip(self.num_computed_tokens, self.query_lens))
+                   if c > 0 and q == 1]
+        if not indices:
+            return None
+        device = self.block_tables.device
+        seq_lens = [self.seq_lens[r] for r in indices]
+        num_keys = max(seq_lens)
+        num_blocks = -(-num_keys // self.block_size)
+        tables = self.block_tables[:, :num_blocks]
+        if len(indices) < self.num_reqs:
+            tables = tables.index_select(0, torch.tensor(indices, device=device))
+        key_mask = None
+        if min(seq_lens) != num_keys:  # NOTE: equal lengths need no mask, only a slice
+            lens = torch.tensor(seq_lens, device=device)
+            key_mask = (torch.arange(num_keys, device=device)[None, :] < lens[:, None])
+            key_mask = key_mask[:, None, None, :]
+        rows = [self.query_starts[r] for r in indices]
+        return DecodeBatch(request_indices=indices,
+                           token_rows=torch.tensor(rows, dtype=torch.int64, device=device),
+                           block_tables=tables, num_keys=num_keys, key_mask=key_mask)
