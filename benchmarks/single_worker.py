@@ -21,7 +21,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from csps import LLM, SamplingParams
-from csps.model.registry import resolve_model
+from csps.model.resolve import resolve_model
 
 
 def csps_prefill_s(llm: LLM, num_tokens: int, seed: int) -> float:
