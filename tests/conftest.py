@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest_plugins = ["server_harness"]  # the HTTP server fixtures (served, engine, client)
+
 TINY_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=10000.0,

@@ -127,3 +127,11 @@ def test_bad_requests_raise_value_error(llm, prompt, params, match):
 def test_max_model_len_that_does_not_fit_fails_at_start(real_model_dir):
     with pytest.raises(ValueError, match="Lower --max-model-len to at most 1024"):
         LLM(str(real_model_dir), max_model_len=4096, kv_cache_memory_bytes=64 * 16 * 46080)
+
+
+def test_bfloat16_engine_generates(real_model_dir):
+    llm = LLM(str(real_model_dir), dtype="bfloat16", max_model_len=256,
+              kv_cache_memory_bytes=1 << 26)
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4))[0].outputs[0]
+    assert "Paris" in out.text
+    assert_no_leak(llm)

@@ -22,6 +22,9 @@ from csps.scheduler import Scheduler
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
+        if config.parallel.world_size > 1:
+            raise ValueError("sequence/tensor parallel sizes above 1 need multi-process workers, "
+                             "which this build does not have yet; use -sp 1 -tp 1")
         self.config = config
         model_dir = resolve_model(config.model.model)
         self.arch = LlamaArchConfig.from_hf_dict(json.loads((model_dir / "config.json").read_text()))
