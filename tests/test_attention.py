@@ -27,7 +27,7 @@ def dense_attention(q, k, v, num_computed):
     return out.transpose(0, 1)
 
 
-def run_schedule(schedule, seq_lens, seed=0):
+def run_schedule(schedule, seq_lens, seed=0, consecutive_blocks=False):
     """Feed each request's tokens through the paged backend as `schedule` says.
 
     schedule: list of steps, each a list of (request, num_new_tokens). Every output row is
@@ -36,7 +36,8 @@ def run_schedule(schedule, seq_lens, seed=0):
     gen = torch.Generator().manual_seed(seed)
     qkv = {r: [torch.randn(n, h, HEAD_DIM, generator=gen)
                for h in (NUM_HEADS, NUM_KV_HEADS, NUM_KV_HEADS)] for r, n in enumerate(seq_lens)}
-    blocks = torch.randperm(NUM_BLOCKS, generator=gen).tolist()  # scattered block tables
+    blocks = (list(range(NUM_BLOCKS)) if consecutive_blocks
+              else torch.randperm(NUM_BLOCKS, generator=gen).tolist())
     tables, computed = {}, dict.fromkeys(range(len(seq_lens)), 0)
     for r, n in enumerate(seq_lens):
         tables[r], blocks = blocks[:-(-n // BLOCK_SIZE)], blocks[-(-n // BLOCK_SIZE):]
@@ -58,18 +59,26 @@ def run_schedule(schedule, seq_lens, seed=0):
             computed[r] += n
 
 
-def test_paged_chunked_prefill_and_decode_match_dense():
+@pytest.fixture(params=["one decode group", "groups of two"])
+def decode_group_bytes(request, monkeypatch):
+    if request.param == "groups of two":  # the smallest groups the backend makes
+        monkeypatch.setattr("csps.attention.reference._DECODE_GROUP_BYTES", 1)
+
+
+@pytest.mark.parametrize("consecutive_blocks", [False, True])
+def test_paged_chunked_prefill_and_decode_match_dense(consecutive_blocks, decode_group_bytes):
     with torch.inference_mode():
-        # r0 prefills in chunks of 7 then decodes; r1 decodes while r0 prefills; r2 joins late.
+        # r0 prefills in chunks of 7 then decodes; r1 decodes while r0 prefills; r2 joins late;
+        # in step 4 the two decodes sit on either side of a prefill chunk.
         run_schedule([[(0, 7), (1, 5)], [(0, 7), (1, 1)], [(0, 7), (1, 1), (2, 9)],
-                      [(0, 2), (1, 1), (2, 1)], [(2, 1), (0, 1), (1, 1)], [(1, 1)]],
-                     seq_lens=[24, 10, 11])
+                      [(1, 1), (0, 2), (2, 1)], [(2, 1), (0, 1), (1, 1)], [(1, 1)]],
+                     seq_lens=[24, 10, 11], consecutive_blocks=consecutive_blocks)
 
 
-def test_pure_decode_batch_with_unequal_lengths():
+def test_pure_decode_batch_with_unequal_lengths(decode_group_bytes):
     with torch.inference_mode():
-        run_schedule([[(0, 13), (1, 3), (2, 8)], [(0, 1), (1, 1), (2, 1)],
-                      [(2, 1), (0, 1), (1, 1)]], seq_lens=[15, 5, 10])
+        run_schedule([[(0, 13), (1, 3), (2, 8), (3, 6)], [(0, 1), (1, 1), (2, 1), (3, 1)],
+                      [(2, 1), (0, 1), (3, 1), (1, 1)]], seq_lens=[15, 5, 10, 8])
 
 
 def test_no_cache_prefill_matches_dense():

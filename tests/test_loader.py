@@ -40,6 +40,7 @@ def tokenizer(real_model_dir):
     return Tokenizer(real_model_dir)
 
 
+@pytest.mark.slow
 def test_real_model_logits_and_greedy_tokens_match_hf(model, hf_model, tokenizer):
     prompt_ids = tokenizer.encode(PROMPT)
     assert 250 <= len(prompt_ids) <= 400
@@ -65,6 +66,7 @@ def test_real_model_logits_and_greedy_tokens_match_hf(model, hf_model, tokenizer
     assert tokens == expected_tokens
 
 
+@pytest.mark.slow
 def test_tokenizer_chat_template_and_specials(tokenizer):
     assert tokenizer.eos_token_id == 2 and tokenizer.bos_token_id == 1
     text = tokenizer.render_chat([{"role": "user", "content": "Hi!"}])
@@ -74,6 +76,7 @@ def test_tokenizer_chat_template_and_specials(tokenizer):
     assert ids[0] == 1 and ids.count(2) == 2 and tokenizer.decode(ids).endswith("assistant\n")
 
 
+@pytest.mark.slow
 def test_converted_tokenizer_equals_transformers_gguf_tokenizer(tokenizer):
     package, filename = KNOWN_MODELS["smollm2-135m"]
     folder = list(importlib.util.find_spec(package).submodule_search_locations)[0]
@@ -83,6 +86,7 @@ def test_converted_tokenizer_equals_transformers_gguf_tokenizer(tokenizer):
     assert tokenizer.hf_tokenizer.chat_template == reference.chat_template
 
 
+@pytest.mark.slow
 def test_incremental_detokenizer_equals_full_decode(tokenizer):
     text = "Grüße aus Zürich! 日本語のテキスト, emoji 👩‍👩‍👧‍👦🚀 and ünïcödé — done."
     ids = tokenizer.encode(text)
@@ -93,6 +97,7 @@ def test_incremental_detokenizer_equals_full_decode(tokenizer):
     assert any(d == "" for d in deltas)  # some tokens end inside a multi-byte character
 
 
+@pytest.mark.slow
 def test_gguf_conversion_is_cached(real_model_dir):
     weights = real_model_dir / "model.safetensors"
     mtime = weights.stat().st_mtime_ns

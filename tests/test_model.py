@@ -11,6 +11,7 @@ from conftest import TINY_LLAMA, save_tiny_llama
 from transformers import LlamaForCausalLM as HFLlamaForCausalLM
 
 from csps.attention import AttentionMetadata
+from csps.layers.linear import linear
 from csps.kvcache.paged_cache import allocate_kv_caches
 from csps.model.arch_config import LlamaArchConfig
 from csps.model.loader import iterate_weights, load_model
@@ -124,3 +125,18 @@ def test_load_weights_reports_missing_and_unknown(tiny_model_dir):
         model.load_weights([("model.layers.9.mlp.up_proj.weight", torch.zeros(1))])
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_onednn_linear_matches_torch_linear(tiny_model_dir, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    for rows in (1, 16, 300):
+        x, w = torch.randn(rows, 576, generator=gen), torch.randn(960, 576, generator=gen)
+        torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w),
+                                   atol=1e-4, rtol=1e-5)
+    ids = torch.arange(20)
+    metadata = AttentionMetadata.build_no_cache([20], "cpu")
+    with torch.inference_mode():
+        fast = load_model(tiny_model_dir)(ids, ids, None, metadata)
+        monkeypatch.setattr("csps.layers.linear.ONEDNN_LINEAR", False)
+        plain = load_model(tiny_model_dir)(ids, ids, None, metadata)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)

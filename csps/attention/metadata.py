@@ -8,28 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
 
-@dataclass(frozen=True)
-class DecodeBatch:
-    """The requests of a batch that decode one token after a cached prefix, for batched kernels."""
-
-    request_indices: list[int]  # positions in the batch, ascending
-    token_rows: torch.Tensor  # [Rd] int64: each one's row in the flat token batch
-    block_tables: torch.Tensor  # [Rd, num_blocks] int32, trimmed to the longest of them
-    num_keys: int  # keys to attend after gathering: <= num_blocks * block_size
-    key_mask: torch.Tensor | None  # [Rd, 1, 1, num_keys] bool, True = attend; None = all
-
-
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False)  # eq=False: hashed by identity; backends cache per batch
 class AttentionMetadata:
     num_computed_tokens: list[int]  # per request: tokens already in the KV cache
     query_lens: list[int]  # per request: new tokens in this batch
     seq_lens: list[int]  # per request: num_computed_tokens + query_lens
-    query_start_loc: torch.Tensor  # [R + 1] int32, cu_seqlens_q
+    query_starts: list[int]  # [R + 1]: request r's rows are query_starts[r]:query_starts[r+1]
+    query_start_loc: torch.Tensor  # [R + 1] int32, the same as a tensor (cu_seqlens_q)
     seq_lens_tensor: torch.Tensor  # [R] int32
     slot_mapping: torch.Tensor | None  # [T] int64, block_id * block_size + offset; None: no cache
     block_tables: torch.Tensor | None  # [R, max_num_blocks] int32, rows padded with 0
@@ -83,6 +72,7 @@ class AttentionMetadata:
         for q in query_lens:
             starts.append(starts[-1] + q)
         return cls(num_computed_tokens=computed, query_lens=query_lens, seq_lens=seq_lens,
+                   query_starts=starts,
                    query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
                    seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32, device=device),
                    **cache_fields)
@@ -95,14 +85,6 @@ class AttentionMetadata:
     def num_tokens(self) -> int:
         return sum(self.query_lens)
 
-    @cached_property
-    def query_starts(self) -> list[int]:
-        """query_start_loc as Python ints, [R + 1] (no device sync)."""
-        starts = [0]
-        for q in self.query_lens:
-            starts.append(starts[-1] + q)
-        return starts
-
     @property
     def max_query_len(self) -> int:
         return max(self.query_lens, default=0)
@@ -114,29 +96,3 @@ class AttentionMetadata:
     @property
     def has_kv_cache(self) -> bool:
         return self.slot_mapping is not None
-
-    @cached_property
-    def decode_batch(self) -> DecodeBatch | None:
-        """Single-query requests with a cached prefix, or None; computed once per forward."""
-        if self.block_tables is None:
-            return None
-        indices = [r for r, (c, q) in enumerate(zip(self.num_computed_tokens, self.query_lens))
-                   if c > 0 and q == 1]
-        if not indices:
-            return None
-        device = self.block_tables.device
-        seq_lens = [self.seq_lens[r] for r in indices]
-        num_keys = max(seq_lens)
-        num_blocks = -(-num_keys // self.block_size)
-        tables = self.block_tables[:, :num_blocks]
-        if len(indices) < self.num_reqs:
-            tables = tables.index_select(0, torch.tensor(indices, device=device))
-        key_mask = None
-        if min(seq_lens) != num_keys:  # NOTE: equal lengths need no mask, only a slice
-            lens = torch.tensor(seq_lens, device=device)
-            key_mask = (torch.arange(num_keys, device=device)[None, :] < lens[:, None])
-            key_mask = key_mask[:, None, None, :]
-        rows = [self.query_starts[r] for r in indices]
-        return DecodeBatch(request_indices=indices,
-                           token_rows=torch.tensor(rows, dtype=torch.int64, device=device),
-                           block_tables=tables, num_keys=num_keys, key_mask=key_mask)

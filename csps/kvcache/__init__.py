@@ -1,0 +1,1 @@
+"""KV cache: block bookkeeping (pure Python) and the worker-side paged tensors."""

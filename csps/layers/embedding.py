@@ -9,7 +9,6 @@ from torch import nn
 from csps.layers.linear import linear
 
 
-
 class VocabEmbedding(nn.Module):
     """input_ids [T] -> [T, hidden_size]. (Vocab-parallel sharding would add a weight_loader.)"""
 

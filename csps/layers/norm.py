@@ -1,10 +1,10 @@
-"""RMSNorm (Zhang & Sennrich, 2019) as Llama uses it: normalise in float32, scale in the input dtype."""
+"""RMSNorm (Zhang & Sennrich, 2019) as Llama uses it: normalise in float32, then scale in the
+input dtype."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
 
 
 class RMSNorm(nn.Module):

@@ -53,19 +53,17 @@ def compute_inv_freq(head_dim: int, base: float, rope_scaling: dict | None) -> t
     raise ValueError(f"unsupported rope type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] -> rotated x; cos, signed_sin [T, 1, D] from RotaryEmbedding.forward.
 
-
-def apply_rotary_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, Hq, D], k [T, Hkv, D], cos/sin [T, 1, D] -> rotated q, k (same shapes)."""
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    The half-rotation x * cos + cat(-x2, x1) * sin is computed as x * cos + roll(x) *
+    signed_sin, where signed_sin = cat(-sin1, sin2): the same products, two ops fewer.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class RotaryEmbedding(nn.Module):
-    """positions [T] -> (cos, sin), each [T, 1, head_dim]; computed once per model forward."""
+    """positions [T] -> (cos, signed_sin), each [T, 1, head_dim]; once per model forward."""
 
     def __init__(self, head_dim: int, base: float, rope_scaling: dict | None = None) -> None:
         super().__init__()
@@ -79,5 +77,7 @@ class RotaryEmbedding(nn.Module):
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, head_dim // 2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        cos = torch.cat((cos, cos), dim=-1)[:, None, :]  # [T, 1, head_dim]
+        signed_sin = torch.cat((-sin, sin), dim=-1)[:, None, :]  # [T, 1, head_dim]
+        return cos.to(dtype), signed_sin.to(dtype)

@@ -45,11 +45,13 @@ class LlamaAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: KVCache | None, metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        qkv = self.qkv_proj(hidden)  # [T, (Hq + 2 * Hkv) * D]
+        q_and_k, v = qkv.split([self.qkv_proj.q_size + self.qkv_proj.kv_size,
+                                self.qkv_proj.kv_size], dim=-1)
+        # RoPE on q and k at once: [T, Hq + Hkv, D], then split by heads.
+        q_and_k = apply_rotary_emb(q_and_k.view(num_tokens, -1, self.head_dim), cos, sin)
+        q, k = q_and_k.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        q, k = apply_rotary_emb(q, k, cos, sin)
         out = self.attn_backend.forward(q, k, v, kv_cache, metadata, scale=self.scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
