@@ -17,15 +17,18 @@ class RequestState:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    detokenizer: object  # IncrementalDetokenizer: .add(token_id) -> str
+    detokenizer: object  # IncrementalDetokenizer: .add(token_id) -> str, .flush() -> str
     metrics: RequestMetrics
     text: str = ""
+    num_streamed: int = 0  # characters of `text` already handed out as deltas
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
     def append(self, token_id: int) -> str:
-        """Add a token; return the new text, truncated at a stop string if one completes."""
+        """Add a token; return the text to stream now. The text is cut at a stop string when
+        one completes; while stop strings are set, the last len(stop) - 1 characters are held
+        back so that nothing streamed is later cut away."""
         old_len = len(self.text)
         self.token_ids.append(token_id)
         self.text += self.detokenizer.add(token_id)
@@ -36,7 +39,20 @@ class RequestState:
                 self.text = self.text[:end]
                 self.finish_reason, self.stop_reason = "stop", stop
                 break
-        return self.text[old_len:] if len(self.text) >= old_len else ""
+        return self._take_delta(final=self.finish_reason is not None)
+
+    def flush(self) -> str:
+        """The stream is ending: append the detokenizer's held-back tail and return all text
+        not yet streamed."""
+        if self.stop_reason is None or isinstance(self.stop_reason, int):
+            self.text += self.detokenizer.flush()
+        return self._take_delta(final=True)
+
+    def _take_delta(self, final: bool) -> str:
+        hold = 0 if final or not self.params.stop else max(map(len, self.params.stop)) - 1
+        end = max(self.num_streamed, len(self.text) - hold)
+        delta, self.num_streamed = self.text[self.num_streamed:end], end
+        return delta
 
     def to_output(self, delta_text: str, delta_token_ids: list[int],
                   error: str | None = None) -> RequestOutput:
