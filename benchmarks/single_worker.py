@@ -6,7 +6,9 @@ same process, measurements interleaved and repeated (the median is reported).
 Prefill: one request of N prompt tokens (csps: the whole prompt in one iteration with the vllm
 policy, and in 512-token chunks with sarathi; HF: one forward with use_cache=True).
 Decode: B requests with 512-token prompts, then D greedy steps; tokens/s = B * D / time of the
-D decode steps (csps: engine steps with no prefill in them; HF: forward with past_key_values).
+D decode steps (csps: engine steps with no prefill in them; HF: a static batch of B, forward with
+past_key_values). Ratios are reported against HF's static batch of the same size and against HF
+serving the B requests one at a time (its batch-1 throughput), which is what batching buys.
 """
 
 from __future__ import annotations
@@ -123,6 +125,9 @@ def main() -> None:
     for b in args.decode_batches:
         ratios[f"decode/csps_sarathi512/{b}"] = median[f"decode_tps/csps_sarathi512/{b}"] / \
             median[f"decode_tps/hf/{b}"]
+        # HF without a serving layer runs requests one at a time: its throughput is batch 1's.
+        ratios[f"decode/csps_sarathi512/{b}_vs_hf_one_at_a_time"] = \
+            median[f"decode_tps/csps_sarathi512/{b}"] / median[f"decode_tps/hf/{min(args.decode_batches)}"]
     result = {"config": vars(args), "torch_threads": torch.get_num_threads(),
               "median_tokens_per_s": median, "ratio_csps_over_hf": ratios, "samples": samples}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -97,7 +97,7 @@ class Request:
 
     @property
     def is_prefill(self) -> bool:
-        """True while tokens already known (prompt, or outputs after a preemption) are uncomputed."""
+        """True while known tokens (prompt, or outputs after a preemption) are uncomputed."""
         return self.num_computed_tokens < self.num_tokens - 1 or not self.output_token_ids
 
     @property

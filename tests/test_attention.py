@@ -9,8 +9,12 @@ import torch.nn.functional as F
 from csps.attention import AttentionMetadata, get_attention_backend
 from csps.attention.merge import merge_attn_states
 from csps.attention.reference import attention_with_lse
-from csps.kvcache.paged_cache import (KVCache, allocate_kv_caches, kv_cache_bytes_per_block,
-                                      num_blocks_for_budget)
+from csps.kvcache.paged_cache import (
+    KVCache,
+    allocate_kv_caches,
+    kv_cache_bytes_per_block,
+    num_blocks_for_budget,
+)
 
 ATOL = 1e-5  # float32, same math in a different order
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 4, 2, 16, 4, 64

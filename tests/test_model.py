@@ -11,8 +11,8 @@ from conftest import TINY_LLAMA, save_tiny_llama
 from transformers import LlamaForCausalLM as HFLlamaForCausalLM
 
 from csps.attention import AttentionMetadata
-from csps.layers.linear import linear
 from csps.kvcache.paged_cache import allocate_kv_caches
+from csps.layers.linear import linear
 from csps.model.arch_config import LlamaArchConfig
 from csps.model.loader import iterate_weights, load_model
 

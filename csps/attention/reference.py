@@ -119,7 +119,8 @@ class ReferenceAttentionBackend(AttentionBackend):
 def _plan_decode_groups(metadata: AttentionMetadata, kv_cache: KVCache) -> list[_DecodeGroup]:
     """Split the single-query requests that follow a cached prefix into gather groups."""
     decodes = [r for r, (c, n) in enumerate(zip(metadata.num_computed_tokens,
-                                                metadata.query_lens)) if c > 0 and n == 1]
+                                                metadata.query_lens, strict=True))
+               if c > 0 and n == 1]
     if not decodes:
         return []
     bytes_per_token = 2 * kv_cache.k_cache[0, 0].numel() * kv_cache.k_cache.element_size()

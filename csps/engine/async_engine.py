@@ -38,6 +38,13 @@ class AsyncLLMEngine:
 
     @property
     def is_healthy(self) -> bool:
+        """False once the engine loop died or a worker is found dead (checked without a step,
+        so /health turns 503 even while idle)."""
+        if self.dead_reason is None:
+            try:
+                self.engine.check_health()
+            except EngineDeadError as exc:
+                self.dead_reason = f"{type(exc).__name__}: {exc}"
         return self.dead_reason is None and (self._thread is None or self._thread.is_alive())
 
     def add_stat_logger(self, callback: Callable[[IterationStats], None]) -> None:

@@ -15,3 +15,17 @@ class EngineDeadError(EngineError):
 
 class RequestError(EngineError):
     """One request failed inside the engine (its output carries the message)."""
+
+
+class WorkerError(EngineDeadError):
+    """A worker process raised, died or did not answer; the executor has stopped every worker.
+
+    `rank` is the worker that failed first (None when unknown); `remote_traceback` is its
+    traceback text when it raised (None when it died).
+    """
+
+    def __init__(self, message: str, rank: int | None = None,
+                 remote_traceback: str | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.remote_traceback = remote_traceback

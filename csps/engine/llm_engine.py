@@ -3,31 +3,36 @@
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 from csps.config import EngineConfig
 from csps.engine.errors import QueueFullError
-from csps.engine.output_processor import (RequestState, finished_stats, record_token_time)
+from csps.engine.executor import Executor, make_executor
+from csps.engine.output_processor import RequestState, finished_stats, record_token_time
 from csps.engine.outputs import IterationStats, RequestMetrics, RequestOutput
-from csps.engine.worker import UniProcExecutor, resolve_device, resolve_dtype
+from csps.engine.worker import resolve_device, resolve_dtype
 from csps.kvcache.capacity import kv_bytes_per_token, plan_num_blocks
 from csps.kvcache.kv_cache_manager import KVCacheManager
-from csps.model.arch_config import LlamaArchConfig
+from csps.model.loader import read_arch_config
 from csps.model.resolve import resolve_model
 from csps.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from csps.request import Request, RequestStatus, SamplingParams
 from csps.scheduler import Scheduler
 
+ExecutorFactory = Callable[[EngineConfig, dict[str, Any]], Executor]
+
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig,
+                 executor_factory: ExecutorFactory = make_executor) -> None:
         if config.parallel.world_size > 1:
             raise ValueError("sequence/tensor parallel sizes above 1 need multi-process workers, "
                              "which this build does not have yet; use -sp 1 -tp 1")
         self.config = config
         model_dir = resolve_model(config.model.model)
-        self.arch = LlamaArchConfig.from_hf_dict(json.loads((model_dir / "config.json").read_text()))
+        self.arch = read_arch_config(model_dir)
         self.tokenizer = Tokenizer(model_dir)
         self.model_name = config.model.name
         self.max_model_len = config.model.max_model_len or self.arch.max_position_embeddings
@@ -38,9 +43,9 @@ class LLMEngine:
                                              dtype)
         num_blocks = plan_num_blocks(config.cache.kv_cache_memory_bytes, config.cache.block_size,
                                      bytes_per_token, self.max_model_len)
-        self.executor = UniProcExecutor(
+        self.executor = executor_factory(config, dict(
             model_dir=model_dir, arch=self.arch, dtype=dtype, device=device,
-            num_blocks=num_blocks, block_size=config.cache.block_size, seed=config.model.seed)
+            num_blocks=num_blocks, block_size=config.cache.block_size, seed=config.model.seed))
         self.scheduler = Scheduler(config.scheduler,
                                    KVCacheManager(num_blocks, config.cache.block_size),
                                    self.max_model_len)
@@ -119,6 +124,7 @@ class LLMEngine:
             if update.finished and state.finish_reason is None:
                 state.finish_reason = request.finish_reason
                 state.stop_reason = update.stop_reason
+                delta += state.flush()  # text held back mid-character ends the stream
             elif state.finish_reason is not None:  # a stop string ended it
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
             if state.finish_reason is not None:
@@ -147,6 +153,10 @@ class LLMEngine:
                 "num_waiting": self.scheduler.num_waiting,
                 "kv_cache_usage": pool.usage, "num_free_blocks": pool.num_free_blocks,
                 "num_total_blocks": pool.num_blocks}
+
+    def check_health(self) -> None:
+        """Raise WorkerError if a worker has failed or exited (cheap: no round trip)."""
+        self.executor.check_health()
 
     def shutdown(self) -> None:
         self.executor.shutdown()

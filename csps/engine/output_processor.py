@@ -6,8 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from csps.engine.outputs import (CompletionOutput, FinishedRequestStats, IterationStats,
-                                 RequestMetrics, RequestOutput)
+from csps.engine.outputs import (
+    CompletionOutput,
+    FinishedRequestStats,
+    IterationStats,
+    RequestMetrics,
+    RequestOutput,
+)
 from csps.request import SamplingParams
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,6 +12,9 @@ from csps.engine.sampler import Sampler
 from csps.kvcache.paged_cache import allocate_kv_caches
 from csps.model.loader import load_model
 from csps.scheduler.output import RunnerOutput, SchedulerOutput
+
+if TYPE_CHECKING:
+    from csps.parallel.groups import ParallelGroups
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,9 +34,13 @@ def resolve_dtype(name: str, device: str) -> str:
 
 
 class Worker:
+    """One rank's model and KV cache. `groups` is this rank's place in the SP x TP grid (None in
+    a single-process engine); the executor calls its methods (see worker_proc.WORKER_METHODS)."""
+
     def __init__(self, model_dir: Path, arch, dtype: str, device: str, num_blocks: int,
-                 block_size: int, seed: int) -> None:
+                 block_size: int, seed: int, groups: ParallelGroups | None = None) -> None:
         torch.manual_seed(seed)
+        self.groups = groups
         self.device = torch.device(device)
         self.model = load_model(model_dir, dtype=TORCH_DTYPES[dtype], device=self.device)
         kv_caches = allocate_kv_caches(
@@ -43,16 +51,3 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute_model(scheduler_output)
-
-
-class UniProcExecutor:
-    """Runs the single worker in the engine's own process; its exceptions reach the caller."""
-
-    def __init__(self, **worker_kwargs) -> None:
-        self.worker = Worker(**worker_kwargs)
-
-    def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        return self.worker.execute_model(scheduler_output)
-
-    def shutdown(self) -> None:
-        self.worker = None

@@ -15,9 +15,18 @@ from torch import nn
 from csps.attention.backend import AttentionBackend
 from csps.attention.metadata import AttentionMetadata
 from csps.kvcache.paged_cache import KVCache
-from csps.layers import (LMHead, MergedColumnLinear, QKVLinear, RMSNorm, RotaryEmbedding,
-                         RowLinear, SiluAndMul, VocabEmbedding, apply_rotary_emb,
-                         default_weight_loader)
+from csps.layers import (
+    LMHead,
+    MergedColumnLinear,
+    QKVLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowLinear,
+    SiluAndMul,
+    VocabEmbedding,
+    apply_rotary_emb,
+    default_weight_loader,
+)
 from csps.model.arch_config import LlamaArchConfig
 
 # HF checkpoint name fragment -> (our fused parameter fragment, shard id)

@@ -1,4 +1,4 @@
-"""Scheduling policies: which requests run in the next iteration, and how many tokens each. No torch.
+"""Scheduling policies: which requests run next iteration, and how many tokens each. No torch.
 
 A policy only decides; it calls the scheduler's helpers (`schedule_decode`, `schedule_prefill`,
 `admit`) that do the KV bookkeeping. Policies (algorithms.md section 3):

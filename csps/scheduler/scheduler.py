@@ -181,7 +181,8 @@ class Scheduler:
             updates.append(update)
         return updates
 
-    def _check_stop(self, request: Request, token_id: int) -> tuple[RequestStatus | None, int | None]:
+    def _check_stop(self, request: Request,
+                    token_id: int) -> tuple[RequestStatus | None, int | None]:
         params = request.sampling_params
         if token_id == request.eos_token_id and not params.ignore_eos:
             return RequestStatus.FINISHED_STOPPED, None

@@ -1,0 +1,55 @@
+"""Executors: how the engine reaches its workers. UniProcExecutor keeps the one worker in this
+process; MultiProcExecutor (multiproc_executor.py) runs one process per SP x TP rank."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from csps.config import EngineConfig
+from csps.engine.worker import Worker
+from csps.scheduler.output import RunnerOutput, SchedulerOutput
+
+
+class Executor(Protocol):
+    """What the engine needs from its workers. Called from the engine thread; check_health may
+    also be called from another thread."""
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        """Run one iteration on every worker and return rank 0's output. Raises WorkerError when
+        a worker raised, died or timed out; every later call then raises WorkerError at once."""
+        ...
+
+    def check_health(self) -> None:
+        """Raise WorkerError if a worker has failed or exited. Cheap: no round trip."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop and reap every worker. Idempotent; never raises."""
+        ...
+
+
+class UniProcExecutor:
+    """Runs the single worker in the engine's own process; its exceptions reach the caller."""
+
+    def __init__(self, **worker_kwargs) -> None:
+        self.worker = Worker(**worker_kwargs)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        return self.worker.execute_model(scheduler_output)
+
+    def check_health(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        self.worker = None
+
+
+def make_executor(config: EngineConfig, worker_kwargs: dict[str, Any]) -> Executor:
+    """One in-process worker for world size 1, else one process per SP x TP rank."""
+    parallel = config.parallel
+    if parallel.world_size == 1:
+        return UniProcExecutor(**worker_kwargs)
+    from csps.engine.multiproc_executor import MultiProcExecutor
+
+    return MultiProcExecutor(worker_kwargs, parallel.sequence_parallel_size,
+                             parallel.tensor_parallel_size)
