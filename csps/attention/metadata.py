@@ -23,6 +23,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None  # [T] int64, block_id * block_size + offset; None: no cache
     block_tables: torch.Tensor | None  # [R, max_num_blocks] int32, rows padded with 0
     block_size: int  # tokens per KV block (0 when there is no cache)
+    # SP prefill only: tokens of the single request's prompt held by each rank of the SP group,
+    # in rank (= sequence) order; this batch is this rank's chunk. None: no sequence parallelism.
+    sp_chunk_lens: list[int] | None = None
 
     @classmethod
     def build(cls, requests: Sequence[tuple[int, int, Sequence[int]]], block_size: int,
@@ -63,6 +66,26 @@ class AttentionMetadata:
             raise ValueError(f"query lengths must be positive, got {list(query_lens)}")
         return cls._from_lists([0] * len(query_lens), list(query_lens), device,
                                block_size=0, slot_mapping=None, block_tables=None)
+
+    @classmethod
+    def build_sp_prefill(cls, chunk_lens: Sequence[int], sp_rank: int,
+                         device: torch.device | str, slot_mapping: torch.Tensor | None = None,
+                         block_size: int = 0) -> AttentionMetadata:
+        """This rank's view of one prompt prefilled by sequence parallelism (algorithms.md §2.1).
+
+        The rank's rows are chunk sp_rank of chunk_lens; slot_mapping [chunk_lens[sp_rank]]
+        (int64) says where its chunk's K/V go in its own cache, None for no cache. The caller
+        passes the chunk's global positions to the model. Raises ValueError on a bad layout.
+        """
+        if any(n < 1 for n in chunk_lens) or not 0 <= sp_rank < len(chunk_lens):
+            raise ValueError(f"bad SP layout: chunk_lens={list(chunk_lens)}, rank {sp_rank}")
+        num_local = chunk_lens[sp_rank]
+        if slot_mapping is not None and slot_mapping.shape != (num_local,):
+            raise ValueError(f"slot_mapping must have shape [{num_local}], got "
+                             f"{tuple(slot_mapping.shape)}")
+        return cls._from_lists([0], [num_local], device, block_size=block_size,
+                               slot_mapping=slot_mapping, block_tables=None,
+                               sp_chunk_lens=list(chunk_lens))
 
     @classmethod
     def _from_lists(cls, computed: list[int], query_lens: list[int], device: torch.device | str,

@@ -2,11 +2,23 @@
 
 from csps.layers.activation import SiluAndMul
 from csps.layers.embedding import LMHead, VocabEmbedding
-from csps.layers.linear import MergedColumnLinear, QKVLinear, RowLinear, default_weight_loader
+from csps.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnLinear,
+    MergedColumnParallelLinear,
+    QKVLinear,
+    QKVParallelLinear,
+    RowLinear,
+    RowParallelLinear,
+    default_weight_loader,
+    shard_range,
+)
 from csps.layers.norm import RMSNorm
 from csps.layers.rotary import RotaryEmbedding, apply_rotary_emb
 
 __all__ = [
-    "LMHead", "MergedColumnLinear", "QKVLinear", "RMSNorm", "RotaryEmbedding", "RowLinear",
-    "SiluAndMul", "VocabEmbedding", "apply_rotary_emb", "default_weight_loader",
+    "ColumnParallelLinear", "LMHead", "MergedColumnLinear", "MergedColumnParallelLinear",
+    "QKVLinear", "QKVParallelLinear", "RMSNorm", "RotaryEmbedding", "RowLinear",
+    "RowParallelLinear", "SiluAndMul", "VocabEmbedding", "apply_rotary_emb",
+    "default_weight_loader", "shard_range",
 ]

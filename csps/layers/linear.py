@@ -1,8 +1,9 @@
-"""Linear layers named for how tensor parallelism will shard them; each layer has a
-`weight_loader(param, loaded_weight[, shard_id])` that copies a checkpoint tensor into place.
+"""Linear layers named for how tensor parallelism shards them (vLLM's names); each layer holds
+only its rank's shard and has a `weight_loader(param, loaded_weight[, shard_id])` that narrows
+the full checkpoint tensor to that shard (pure slicing: the collectives live in csps.parallel).
 
-For now every layer is unsharded (tp_size 1): the loaders only place fused shards (q/k/v,
-gate/up) and check shapes. Sharding will narrow the loaded tensor in these same loaders.
+Shards are contiguous and as even as possible, larger first; attention splits by KV group so
+head counts the TP size does not divide work. With tp_size 1 every layer is the plain linear.
 """
 
 from __future__ import annotations
@@ -69,50 +70,120 @@ class _LinearBase(nn.Module):
         return linear(x, self.weight)
 
 
-class _FusedColumnLinear(_LinearBase):
-    """Several column-parallel projections stacked on the output dim, loaded shard by shard."""
+def shard_range(size: int, tp_rank: int, tp_size: int) -> range:
+    """Rank tp_rank's contiguous share of `size` rows, as even as possible, larger shares first."""
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank {tp_rank} out of range for tp_size {tp_size}")
+    base, extra = divmod(size, tp_size)
+    start = tp_rank * base + min(tp_rank, extra)
+    return range(start, start + base + (1 if tp_rank < extra else 0))
 
-    def __init__(self, input_size: int, output_sizes: dict[str | int, int]) -> None:
-        super().__init__(input_size, sum(output_sizes.values()))
+
+class _StackedColumnLinear(_LinearBase):
+    """Column-parallel projections stacked on the output dim, each narrowed to this rank's rows.
+
+    shards: shard_id -> (rows of that projection in the checkpoint, the rows this rank keeps).
+    """
+
+    def __init__(self, input_size: int, shards: dict[str | int, tuple[int, range]]) -> None:
+        super().__init__(input_size, sum(len(rows) for _, rows in shards.values()))
+        self.shards = shards
         self.shard_offsets: dict[str | int, tuple[int, int]] = {}  # shard_id -> (offset, size)
         offset = 0
-        for shard_id, size in output_sizes.items():
-            self.shard_offsets[shard_id] = (offset, size)
-            offset += size
+        for shard_id, (_, rows) in shards.items():
+            self.shard_offsets[shard_id] = (offset, len(rows))
+            offset += len(rows)
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor,
                       shard_id: str | int | None = None) -> None:
-        if shard_id is None:  # an already fused checkpoint tensor
-            default_weight_loader(param, loaded_weight)
+        if shard_id is None:  # an already fused checkpoint tensor: split it into its shards
+            full_sizes = [full for full, _ in self.shards.values()]
+            if loaded_weight.shape[0] != sum(full_sizes):
+                raise ValueError(f"fused tensor has {loaded_weight.shape[0]} rows, "
+                                 f"expected {sum(full_sizes)}")
+            for sid, part in zip(self.shards, loaded_weight.split(full_sizes), strict=True):
+                self.weight_loader(param, part, sid)
             return
-        if shard_id not in self.shard_offsets:
-            raise ValueError(f"unknown shard {shard_id!r}; expected one of "
-                             f"{list(self.shard_offsets)}")
+        if shard_id not in self.shards:
+            raise ValueError(f"unknown shard {shard_id!r}; expected one of {list(self.shards)}")
+        full, rows = self.shards[shard_id]
+        if loaded_weight.shape[0] != full:
+            raise ValueError(f"shard {shard_id!r}: checkpoint has {loaded_weight.shape[0]} "
+                             f"rows, expected {full}")
         offset, size = self.shard_offsets[shard_id]
-        default_weight_loader(param.data.narrow(0, offset, size), loaded_weight)
+        default_weight_loader(param.data.narrow(0, offset, size),
+                              loaded_weight.narrow(0, rows.start, size))
 
 
-class QKVLinear(_FusedColumnLinear):
-    """Fused q/k/v projection: [T, hidden] -> [T, (num_heads + 2 * num_kv_heads) * head_dim].
+class ColumnParallelLinear(_StackedColumnLinear):
+    """Output dim sharded: [T, input_size] -> [T, len(output_range)] (this rank's columns)."""
 
-    Shards "q", "k", "v" are the HF q_proj / k_proj / v_proj weights.
+    def __init__(self, input_size: int, output_size: int, tp_rank: int = 0,
+                 tp_size: int = 1) -> None:
+        self.output_range = shard_range(output_size, tp_rank, tp_size)
+        super().__init__(input_size, {0: (output_size, self.output_range)})
+
+
+class QKVParallelLinear(_StackedColumnLinear):
+    """Fused q/k/v projection of this rank's heads: [T, hidden] -> [T, (Hq + 2 Hkv) * D] local.
+
+    Rank r owns the KV heads kv_head_range and the query heads of their GQA groups
+    (q_head_range). Shards "q", "k", "v" are the HF q_proj / k_proj / v_proj weights.
     """
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int) -> None:
-        self.q_size = num_heads * head_dim
-        self.kv_size = num_kv_heads * head_dim
-        super().__init__(hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size})
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 tp_rank: int = 0, tp_size: int = 1) -> None:
+        if num_heads % num_kv_heads or tp_size > num_kv_heads:
+            raise ValueError(f"need num_heads ({num_heads}) a multiple of num_kv_heads "
+                             f"({num_kv_heads}) and tp_size ({tp_size}) <= num_kv_heads")
+        group = num_heads // num_kv_heads
+        self.kv_head_range = shard_range(num_kv_heads, tp_rank, tp_size)
+        self.q_head_range = range(self.kv_head_range.start * group,
+                                  self.kv_head_range.stop * group)
+        self.num_heads, self.num_kv_heads = len(self.q_head_range), len(self.kv_head_range)
+        self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
+
+        def rows(heads: range) -> range:
+            return range(heads.start * head_dim, heads.stop * head_dim)
+
+        super().__init__(hidden_size, {"q": (num_heads * head_dim, rows(self.q_head_range)),
+                                       "k": (num_kv_heads * head_dim, rows(self.kv_head_range)),
+                                       "v": (num_kv_heads * head_dim, rows(self.kv_head_range))})
 
 
-class MergedColumnLinear(_FusedColumnLinear):
-    """Projections sharing an input, stacked: shard i is output_sizes[i] rows (gate=0, up=1)."""
+class MergedColumnParallelLinear(_StackedColumnLinear):
+    """Projections sharing an input, each column-sharded then stacked (gate = 0, up = 1)."""
 
-    def __init__(self, input_size: int, output_sizes: list[int]) -> None:
-        super().__init__(input_size, dict(enumerate(output_sizes)))
+    def __init__(self, input_size: int, output_sizes: list[int], tp_rank: int = 0,
+                 tp_size: int = 1) -> None:
+        super().__init__(input_size, {i: (size, shard_range(size, tp_rank, tp_size))
+                                      for i, size in enumerate(output_sizes)})
 
 
-class RowLinear(_LinearBase):
-    """Projection whose input dim tensor parallelism will shard (o_proj, down_proj).
+class RowParallelLinear(_LinearBase):
+    """Input dim sharded (o_proj, down_proj): [T, len(input_range)] -> [T, output_size] partial.
 
-    NOTE: once sharded, its partial outputs need an all-reduce, done by `csps.parallel`.
+    NOTE: the partial outputs of the TP ranks must be summed (all-reduce or, with sequence
+    parallelism, reduce-scatter), which csps.parallel.sp_tp does. input_range defaults to the
+    even split; o_proj passes the columns of its QKVParallelLinear's query heads.
     """
+
+    def __init__(self, input_size: int, output_size: int, tp_rank: int = 0, tp_size: int = 1,
+                 input_range: range | None = None) -> None:
+        self.input_range = (shard_range(input_size, tp_rank, tp_size) if input_range is None
+                            else input_range)
+        self.full_input_size = input_size
+        super().__init__(len(self.input_range), output_size)
+
+    def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
+        if loaded_weight.dim() != 2 or loaded_weight.shape[1] != self.full_input_size:
+            raise ValueError(f"checkpoint tensor {tuple(loaded_weight.shape)} does not have "
+                             f"{self.full_input_size} input columns")
+        default_weight_loader(param, loaded_weight.narrow(1, self.input_range.start,
+                                                          len(self.input_range)))
+
+
+# The unsharded names the model used before TP (tp_size 1 is the default).
+QKVLinear = QKVParallelLinear
+MergedColumnLinear = MergedColumnParallelLinear
+RowLinear = RowParallelLinear

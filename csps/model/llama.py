@@ -3,11 +3,14 @@
 embedding -> N x [RMSNorm, self-attention with RoPE and GQA, residual, RMSNorm, SiLU-gated MLP,
 residual] -> final RMSNorm -> LM head. The model knows nothing about requests: the attention
 backend reads positions in the KV cache from the AttentionMetadata passed to `forward`.
+Given a TensorParallelContext, the decoder runs SP-TP (algorithms.md §2.1): sharded heads and
+MLP columns, the token sequence split over the TP ranks between the projections.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,17 +20,20 @@ from csps.attention.metadata import AttentionMetadata
 from csps.kvcache.paged_cache import KVCache
 from csps.layers import (
     LMHead,
-    MergedColumnLinear,
-    QKVLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
     RMSNorm,
     RotaryEmbedding,
-    RowLinear,
+    RowParallelLinear,
     SiluAndMul,
     VocabEmbedding,
     apply_rotary_emb,
     default_weight_loader,
 )
 from csps.model.arch_config import LlamaArchConfig
+
+if TYPE_CHECKING:  # the model only calls the context it is handed (no torch.distributed here)
+    from csps.parallel.sp_tp import TensorParallelContext
 
 # HF checkpoint name fragment -> (our fused parameter fragment, shard id)
 _STACKED_PARAMS = {
@@ -39,16 +45,27 @@ _STACKED_PARAMS = {
 }
 
 
+def _tp_coords(tp: TensorParallelContext | None) -> tuple[int, int]:
+    return (0, 1) if tp is None else (tp.tp_rank, tp.tp_size)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: LlamaArchConfig, attn_backend: AttentionBackend) -> None:
+    """Under TP: this rank's KV heads and their query heads; o_proj returns partial sums."""
+
+    def __init__(self, config: LlamaArchConfig, attn_backend: AttentionBackend,
+                 tp: TensorParallelContext | None = None) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim ** -0.5
-        self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, self.num_heads,
-                                  self.num_kv_heads)
-        self.o_proj = RowLinear(self.num_heads * self.head_dim, config.hidden_size)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim,
+                                          config.num_attention_heads,
+                                          config.num_key_value_heads, *_tp_coords(tp))
+        self.num_heads = self.qkv_proj.num_heads  # local query heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads  # local KV heads
+        q_heads = self.qkv_proj.q_head_range
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, *_tp_coords(tp),
+            input_range=range(q_heads.start * self.head_dim, q_heads.stop * self.head_dim))
         self.attn_backend = attn_backend
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -68,56 +85,78 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
 
-    def __init__(self, config: LlamaArchConfig) -> None:
+    def __init__(self, config: LlamaArchConfig, tp: TensorParallelContext | None = None) -> None:
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedColumnLinear(config.hidden_size, [size, size])
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size],
+                                                       *_tp_coords(tp))
         self.act_fn = SiluAndMul()
-        self.down_proj = RowLinear(size, config.hidden_size)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, *_tp_coords(tp))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: LlamaArchConfig, attn_backend: AttentionBackend) -> None:
+    def __init__(self, config: LlamaArchConfig, attn_backend: AttentionBackend,
+                 tp: TensorParallelContext | None = None) -> None:
         super().__init__()
+        self.tp = tp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, attn_backend)
+        self.self_attn = LlamaAttention(config, attn_backend, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, tp)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache | None, metadata: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, metadata)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                kv_cache: KVCache | None, metadata: AttentionMetadata,
+                sizes: Sequence[int] | None = None) -> torch.Tensor:
+        """x [T, H], or under SP-TP this rank's token slice [sizes[tp_rank], H]; same out."""
+        h = self._gather(self.input_layernorm(x), sizes)  # [T, H]
+        x = x + self._scatter(self.self_attn(h, cos, sin, kv_cache, metadata), sizes)
+        h = self._gather(self.post_attention_layernorm(x), sizes)  # [T, H]
+        return x + self._scatter(self.mlp(h), sizes)
+
+    def _gather(self, x_local: torch.Tensor, sizes: Sequence[int] | None) -> torch.Tensor:
+        return x_local if self.tp is None else self.tp.gather(x_local, sizes)
+
+    def _scatter(self, partial: torch.Tensor, sizes: Sequence[int] | None) -> torch.Tensor:
+        return partial if self.tp is None else self.tp.reduce_scatter(partial, sizes)
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: LlamaArchConfig, attn_backend: AttentionBackend) -> None:
+    def __init__(self, config: LlamaArchConfig, attn_backend: AttentionBackend,
+                 tp: TensorParallelContext | None = None) -> None:
         super().__init__()
+        self.tp = tp
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attn_backend)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attn_backend, tp)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache] | None, metadata: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [T, H]
-        cos, sin = self.rotary_emb(positions, x.dtype)  # each [T, 1, D]
+        # NOTE: under SP-TP every TP rank gets the whole batch, embeds only its token slice
+        # (sizes), and the final hidden states are all-gathered for the (replicated) LM head.
+        sizes = None if self.tp is None else self.tp.token_split(input_ids.shape[0])
+        local_ids = input_ids if sizes is None else input_ids[self.tp.local_rows(sizes)]
+        x = self.embed_tokens(local_ids)  # [T, H], or [sizes[tp_rank], H]
+        cos, sin = self.rotary_emb(positions, x.dtype)  # each [T, 1, D]: attention sees all T
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if kv_caches is None else kv_caches[i], metadata)
-        return self.norm(x)
+            x = layer(x, cos, sin, None if kv_caches is None else kv_caches[i], metadata, sizes)
+        x = self.norm(x)
+        return x if self.tp is None else self.tp.gather(x, sizes)  # [T, H]
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama decoder + LM head. Build with a config and an attention backend instance."""
+    """Llama decoder + LM head. Build with a config and an attention backend instance; with a
+    TensorParallelContext (tp) the decoder holds this TP rank's shard and runs SP-TP."""
 
-    def __init__(self, config: LlamaArchConfig, attn_backend: AttentionBackend) -> None:
+    def __init__(self, config: LlamaArchConfig, attn_backend: AttentionBackend,
+                 tp: TensorParallelContext | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, attn_backend)
+        self.model = LlamaModel(config, attn_backend, tp)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_embedding=tied)
 

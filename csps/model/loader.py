@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
-from csps.attention.backend import get_attention_backend
+from csps.attention.backend import AttentionBackend, get_attention_backend
 from csps.model.arch_config import LlamaArchConfig
 from csps.model.registry import get_model_class
+
+if TYPE_CHECKING:
+    from csps.parallel.sp_tp import TensorParallelContext
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,12 +52,20 @@ def iterate_weights(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_model(folder: str | Path, dtype: torch.dtype | str = torch.float32,
                device: torch.device | str = "cpu",
-               attn_backend_name: str = "reference") -> torch.nn.Module:
+               attn_backend_name: str = "reference",
+               attn_backend: AttentionBackend | None = None,
+               tp: TensorParallelContext | None = None) -> torch.nn.Module:
     """A ready (eval-mode) model with the folder's weights in `dtype` on `device`.
 
     dtype: a torch dtype or "float32" / "bfloat16" / "float16". The model's forward takes
     (input_ids [T], positions [T], kv_caches, AttentionMetadata) and returns hidden [T, H];
     compute_logits(hidden [N, H]) gives float32 logits [N, V].
+
+    The attention backend is a new get_attention_backend(attn_backend_name), or `attn_backend`
+    when given: an instance built by the caller, e.g. parallel.sp_attention's
+    SequenceParallelAttention, which needs its process group and cannot be built by name.
+    With `tp` (parallel.sp_tp.TensorParallelContext) the model holds this TP rank's weight
+    shard and runs SP-TP; the forward contract is unchanged.
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -63,7 +75,8 @@ def load_model(folder: str | Path, dtype: torch.dtype | str = torch.float32,
     model_cls = get_model_class(config.architectures)
     # Build without allocating (meta device), then allocate once in the target dtype/device.
     with torch.device("meta"):
-        model = model_cls(config, get_attention_backend(attn_backend_name))
+        backend = attn_backend or get_attention_backend(attn_backend_name)
+        model = model_cls(config, backend, tp=tp)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.load_weights(iterate_weights(folder))
     return model.eval()

@@ -1,0 +1,81 @@
+"""SequenceParallelAttention: the AttentionBackend of SP-NTP prefill (algorithms.md §2.1).
+
+Each rank of the SP group runs the whole model on one contiguous chunk of a single prompt
+(RoPE at global positions, chosen by the caller's `positions`), keeps that chunk's K/V in its
+own paged cache, and computes attention across chunks with one of the SP primitives. Batches
+without SP layout (metadata.sp_chunk_lens is None, e.g. decode steps) go to the reference
+backend, so one model instance serves both.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from csps.attention.backend import AttentionBackend
+from csps.attention.reference import ReferenceAttentionBackend
+from csps.parallel.allgather_kv import allgather_kv_attention
+from csps.parallel.ring import ring_attention
+from csps.parallel.ulysses import ulysses_attention
+
+if TYPE_CHECKING:
+    import torch
+
+    from csps.attention.metadata import AttentionMetadata
+    from csps.kvcache.paged_cache import KVCache
+    from csps.parallel.comm import Communicator
+
+# Each (q, k, v, chunk_lens, comm, scale=None) -> out; collective over comm's group.
+SP_ALGORITHMS = {"ulysses": ulysses_attention, "allgather_kv": allgather_kv_attention,
+                 "ring": ring_attention}
+
+
+class SequenceParallelAttention(AttentionBackend):
+    """SP prefill of one request over `comm`'s group; the reference backend otherwise.
+
+    Every rank of the group must run the same forward (same layers, same chunk_lens) at the
+    same time: each layer's attention is a collective. Not thread-safe (one forward at a time).
+    """
+
+    name = "sequence_parallel"
+
+    def __init__(self, comm: Communicator, algorithm: str = "ulysses") -> None:
+        if algorithm not in SP_ALGORITHMS:
+            raise ValueError(f"unknown SP algorithm {algorithm!r}; known: {list(SP_ALGORITHMS)}")
+        self.comm = comm  # the SP group, ranks in chunk (= sequence) order
+        self.algorithm = algorithm
+        self._attend = SP_ALGORITHMS[algorithm]
+        self._fallback = ReferenceAttentionBackend()  # batches without SP layout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: KVCache | None, metadata: AttentionMetadata,
+                scale: float | None = None) -> torch.Tensor:
+        """q [n_r, Hq, D], k/v [n_r, Hkv, D]: this rank's chunk -> [n_r, Hq, D].
+
+        With metadata.sp_chunk_lens set: writes k, v to the local kv_cache at
+        metadata.slot_mapping (when a cache is given), then attends over the whole prompt.
+        Raises ValueError for several requests, a cached prefix, or a layout that does not
+        match this rank's rows or the group size.
+        """
+        chunk_lens = metadata.sp_chunk_lens
+        if chunk_lens is None:
+            return self._fallback.forward(q, k, v, kv_cache, metadata, scale=scale)
+        self._check(q, metadata, chunk_lens)
+        if kv_cache is not None:
+            if metadata.slot_mapping is None:
+                raise ValueError("a kv_cache needs metadata built with slot_mapping")
+            kv_cache.write_slots(k, v, metadata.slot_mapping)
+        return self._attend(q, k, v, chunk_lens, self.comm, scale=scale)
+
+    def _check(self, q: torch.Tensor, metadata: AttentionMetadata,
+               chunk_lens: list[int]) -> None:
+        if metadata.num_reqs != 1:
+            raise ValueError(f"an SP forward takes exactly one request, got {metadata.num_reqs}")
+        if metadata.num_computed_tokens[0] != 0:
+            raise ValueError("SP prefill after a cached prefix is not supported "
+                             f"(num_computed_tokens={metadata.num_computed_tokens[0]})")
+        if len(chunk_lens) != self.comm.size:
+            raise ValueError(f"sp_chunk_lens has {len(chunk_lens)} chunks for an SP group of "
+                             f"{self.comm.size}")
+        if chunk_lens[self.comm.rank] != q.shape[0]:
+            raise ValueError(f"rank {self.comm.rank} holds {q.shape[0]} tokens but "
+                             f"sp_chunk_lens says {chunk_lens[self.comm.rank]}")
