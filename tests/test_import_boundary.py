@@ -14,3 +14,16 @@ def test_scheduler_core_imports_without_torch():
             + "print(bad); sys.exit(1 if bad else 0)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_only_parallel_imports_torch_distributed():
+    """Process groups live in csps/parallel/; everything else is handed them explicitly."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "csps"
+    pattern = re.compile(r"^\s*(import torch\.distributed|from torch\.distributed|"
+                         r"from torch import distributed)", re.M)
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if "parallel" not in p.parts and pattern.search(p.read_text())]
+    assert offenders == []
