@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 PURE_MODULES = ["csps.config", "csps.request", "csps.scheduler", "csps.kvcache.block_pool",
-                "csps.kvcache.kv_cache_manager", "csps.engine.outputs",
+                "csps.kvcache.kv_cache_manager", "csps.kvcache.placement", "csps.engine.outputs",
                 "csps.engine.output_processor"]
 
 

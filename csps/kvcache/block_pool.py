@@ -30,6 +30,10 @@ class BlockPool:
         """Fraction of blocks in use, 0-1 (vLLM's kv_cache_usage_perc)."""
         return len(self._used) / self.num_blocks
 
+    def used_block_ids(self) -> frozenset[int]:
+        """The blocks handed out and not yet freed."""
+        return frozenset(self._used)
+
     def allocate(self, num_blocks: int) -> list[int] | None:
         """Hand out `num_blocks` free blocks, or None (and nothing) if too few are free."""
         if num_blocks > len(self._free):

@@ -1,0 +1,210 @@
+"""Where a sequence-parallel request's KV lives: which SP rank holds which token range and blocks.
+
+No torch. The scheduler-side record of algorithms.md §2.1 and §2.4: a prompt's prefill is split
+into contiguous chunks over the ranks of an SP group, each rank keeping its chunk's KV in its own
+paged pool; decode tokens' KV is then appended on one rank, the least loaded of the group.
+Every range starts on a fresh block, so no block is shared by two ranges or two ranks.
+Returns None/False when a request does not fit; misuse (bad arguments) raises ValueError.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from csps.kvcache.block_pool import BlockPool
+from csps.kvcache.kv_cache_manager import cdiv
+
+
+def split_prompt(num_tokens: int, sp_size: int, block_size: int) -> list[int]:
+    """Contiguous chunk lengths of a num_tokens prompt over sp_size ranks, in rank order.
+
+    Rule: with at least sp_size blocks' worth of tokens (cdiv(num_tokens, block_size) >= sp_size)
+    whole blocks are dealt out as evenly as possible, the extra blocks going to the last ranks,
+    and only the last chunk may end in a partial block: every boundary is block-aligned and the
+    chunks differ by at most one block. Shorter prompts cannot be aligned without leaving a rank
+    empty, so tokens are split evenly instead, larger shares first (every chunk >= 1 token when
+    num_tokens >= sp_size; trailing ranks get 0 when num_tokens < sp_size).
+    """
+    if num_tokens < 0 or sp_size < 1 or block_size < 1:
+        raise ValueError(f"bad split: num_tokens={num_tokens} sp_size={sp_size} "
+                         f"block_size={block_size}")
+    num_blocks = cdiv(num_tokens, block_size)
+    if num_blocks < sp_size:
+        base, extra = divmod(num_tokens, sp_size)
+        return [base + (1 if r < extra else 0) for r in range(sp_size)]
+    base, extra = divmod(num_blocks, sp_size)
+    lens = [block_size * (base + (1 if r >= sp_size - extra else 0)) for r in range(sp_size)]
+    lens[-1] -= num_blocks * block_size - num_tokens  # the final block may be partial
+    return lens
+
+
+@dataclass(frozen=True)
+class TokenRange:
+    """Positions [start, end) of a request, held on `rank` in blocks block_ids (from offset 0)."""
+
+    rank: int
+    start: int
+    end: int
+    block_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.rank < 0 or not 0 <= self.start <= self.end:
+            raise ValueError(f"bad token range rank={self.rank} [{self.start}, {self.end})")
+        object.__setattr__(self, "block_ids", tuple(self.block_ids))  # hashable, immutable
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class RequestPlacement:
+    """A request's ranges in position order; they tile [0, num_tokens) without gaps."""
+
+    request_id: str
+    ranges: tuple[TokenRange, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ranges", tuple(self.ranges))
+        pos = 0
+        for r in self.ranges:
+            if r.start != pos or r.end <= r.start:
+                raise ValueError(f"ranges of {self.request_id} are not contiguous from 0: "
+                                 f"{[(x.start, x.end) for x in self.ranges]}")
+            pos = r.end
+
+    @property
+    def num_tokens(self) -> int:
+        return self.ranges[-1].end if self.ranges else 0
+
+    @property
+    def ranks(self) -> list[int]:
+        """Ranks holding some of the request's KV, sorted."""
+        return sorted({r.rank for r in self.ranges})
+
+    def range_of(self, position: int) -> TokenRange:
+        if not 0 <= position < self.num_tokens:
+            raise ValueError(f"position {position} outside [0, {self.num_tokens})")
+        return self.ranges[bisect.bisect_right([r.start for r in self.ranges], position) - 1]
+
+    def tokens_on(self, rank: int) -> int:
+        return sum(r.num_tokens for r in self.ranges if r.rank == rank)
+
+
+class DistributedKVCacheManager:
+    """One BlockPool per SP rank plus each request's placement and SP group."""
+
+    def __init__(self, num_ranks: int, num_blocks_per_rank: int, block_size: int) -> None:
+        if num_ranks < 1 or block_size < 1:
+            raise ValueError(f"bad sizes: num_ranks={num_ranks} block_size={block_size}")
+        self.block_size = block_size
+        self.pools = [BlockPool(num_blocks_per_rank) for _ in range(num_ranks)]
+        self._placements: dict[str, RequestPlacement] = {}
+        self._groups: dict[str, tuple[int, ...]] = {}
+
+    def placement(self, request_id: str) -> RequestPlacement | None:
+        return self._placements.get(request_id)
+
+    def can_admit(self, chunk_lens: Sequence[int], ranks: Sequence[int]) -> bool:
+        """True when every rank of the group (distinct ranks) has the blocks for its chunk."""
+        if (len(chunk_lens) != len(ranks) or not ranks or len(set(ranks)) != len(ranks)
+                or any(not 0 <= r < len(self.pools) for r in ranks) or min(chunk_lens) < 0):
+            raise ValueError(f"bad group: chunk_lens={list(chunk_lens)} ranks={list(ranks)}")
+        return all(cdiv(n, self.block_size) <= self.pools[r].num_free_blocks
+                   for n, r in zip(chunk_lens, ranks, strict=True))
+
+    def allocate_prefill(self, request_id: str, chunk_lens: Sequence[int],
+                         ranks: Sequence[int]) -> RequestPlacement | None:
+        """Place chunk_lens[i] on ranks[i] (the SP group, kept for decode); None if any is short."""
+        if request_id in self._placements:
+            raise ValueError(f"request {request_id} is already placed")
+        if not self.can_admit(chunk_lens, ranks):
+            return None
+        ranges, start = [], 0
+        for n, r in zip(chunk_lens, ranks, strict=True):
+            if n > 0:
+                blocks = self.pools[r].allocate(cdiv(n, self.block_size))
+                ranges.append(TokenRange(r, start, start + n, tuple(blocks)))
+                start += n
+        self._groups[request_id] = tuple(ranks)
+        self._placements[request_id] = RequestPlacement(request_id, ranges)
+        return self._placements[request_id]
+
+    def append_slots(self, request_id: str, num_new_tokens: int) -> TokenRange | None:
+        """Make room for num_new_tokens more tokens; the range holding the newest one, or None.
+
+        Tokens first fill the room left in the last range's last block (no allocation, same
+        rank). Tokens that need new blocks all go to the group's least-loaded rank (fewest used
+        blocks, ties to the lowest rank): the last range grows if it is on that rank, else a new
+        range starts there. A rank is kept while its block has room and chosen anew per new
+        block, so decode KV spreads over the group block by block; None changes nothing.
+        """
+        if num_new_tokens < 0:
+            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
+        ranges = list(self._placements[request_id].ranges)
+        end = self._placements[request_id].num_tokens + num_new_tokens
+        if ranges:  # fill the room in the last block
+            last = ranges[-1]
+            ranges[-1] = replace(last, end=min(end, last.start + len(last.block_ids)
+                                               * self.block_size))
+        covered = ranges[-1].end if ranges else 0
+        if end > covered:
+            rank = min(self._groups[request_id], key=lambda r: (self.pools[r].num_used_blocks, r))
+            blocks = self.pools[rank].allocate(cdiv(end - covered, self.block_size))
+            if blocks is None:
+                return None
+            if ranges and ranges[-1].rank == rank:
+                ranges[-1] = replace(ranges[-1], end=end,
+                                     block_ids=ranges[-1].block_ids + tuple(blocks))
+            else:
+                ranges.append(TokenRange(rank, covered, end, tuple(blocks)))
+        self._placements[request_id] = RequestPlacement(request_id, ranges)
+        return ranges[-1] if ranges else None
+
+    def free(self, request_id: str) -> None:
+        """Return all the request's blocks on every rank (a no-op for an unknown request)."""
+        self._groups.pop(request_id, None)
+        for r in getattr(self._placements.pop(request_id, None), "ranges", ()):
+            self.pools[r.rank].free(list(r.block_ids))
+
+    def usage_per_rank(self) -> list[float]:
+        return [pool.usage for pool in self.pools]
+
+    def total_free_tokens(self, ranks: Sequence[int] | None = None) -> int:
+        """Free token slots over `ranks` (default: all); admission counts its group's total."""
+        ranks = range(len(self.pools)) if ranks is None else ranks
+        return sum(self.pools[r].num_free_blocks for r in ranks) * self.block_size
+
+    def slot_mapping(self, request_id: str, start: int, end: int, rank: int) -> list[int]:
+        """Slots (block_id * block_size + offset) in rank's cache of positions [start, end)."""
+        slots, bs = [], self.block_size
+        for r in self._placements[request_id].ranges:
+            lo, hi = max(start, r.start), min(end, r.end)
+            if lo < hi and r.rank != rank:
+                raise ValueError(f"positions {lo}..{hi - 1} of {request_id} are on rank {r.rank}")
+            slots.extend(r.block_ids[(p - r.start) // bs] * bs + (p - r.start) % bs
+                         for p in range(lo, hi))
+        if len(slots) != max(0, end - start):
+            raise ValueError(f"[{start}, {end}) is not inside {request_id}'s positions")
+        return slots
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if any pool or placement is inconsistent."""
+        owned: list[set[int]] = [set() for _ in self.pools]
+        for rid, placement in self._placements.items():
+            pos = 0
+            for r in placement.ranges:
+                if r.start != pos or r.end <= r.start or r.rank not in self._groups[rid]:
+                    raise AssertionError(f"{rid}: bad range {r}")
+                if len(r.block_ids) != cdiv(r.num_tokens, self.block_size):
+                    raise AssertionError(f"{rid}: range {r} has the wrong number of blocks")
+                if owned[r.rank] & set(r.block_ids) or len(set(r.block_ids)) != len(r.block_ids):
+                    raise AssertionError(f"{rid}: a block on rank {r.rank} is owned twice")
+                owned[r.rank].update(r.block_ids)
+                pos = r.end
+        for pool, blocks in zip(self.pools, owned, strict=True):
+            pool.check_invariants()
+            if blocks != pool.used_block_ids():
+                raise AssertionError("used blocks are not exactly the live requests' blocks")
