@@ -183,3 +183,10 @@ def test_random_workload_keeps_invariants(policy, seed):
     assert not sched.has_unfinished_requests() and not pending
     assert all(r.is_finished for r in requests)
     assert sched.kv_cache_manager.block_pool.num_free_blocks == 24
+
+
+@pytest.mark.parametrize("start,end", [(0, 3), (2, 7), (5, 7), (3, 5), (0, 7), (6, 7)])
+def test_token_ids_between_equals_slicing(start, end):
+    req = make_request("a", 5)
+    req.output_token_ids = [11, 12]
+    assert req.token_ids_between(start, end) == req.all_token_ids[start:end]

@@ -153,7 +153,7 @@ class Scheduler:
         start = request.num_computed_tokens
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.all_token_ids[start:start + num_tokens],
+            token_ids=request.token_ids_between(start, start + num_tokens),
             num_computed_tokens=start,
             block_ids=list(self.kv_cache_manager.block_ids(request.request_id)),
             sampling_params=request.sampling_params,
