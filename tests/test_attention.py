@@ -9,11 +9,10 @@ import torch.nn.functional as F
 from csps.attention import AttentionMetadata, get_attention_backend
 from csps.attention.merge import merge_attn_states
 from csps.attention.reference import attention_with_lse
+from csps.kvcache.capacity import kv_bytes_per_token, plan_num_blocks
 from csps.kvcache.paged_cache import (
     KVCache,
     allocate_kv_caches,
-    kv_cache_bytes_per_block,
-    num_blocks_for_budget,
 )
 
 ATOL = 1e-5  # float32, same math in a different order
@@ -166,9 +165,11 @@ def test_backend_registry_and_cache_errors():
 
 
 def test_kv_cache_sizing():
-    per_block = kv_cache_bytes_per_block(30, 16, 3, 64, torch.float32)
-    assert per_block == 2 * 30 * 16 * 3 * 64 * 4
-    assert num_blocks_for_budget(10 * per_block + 5, 30, 16, 3, 64, torch.float32) == 10
+    per_token = kv_bytes_per_token(30, 3, 64, "float32")
+    assert per_token == 46080  # SmolLM2: 46 KB per token in fp32 (environment.md)
+    assert plan_num_blocks(10 * 16 * per_token + 5, 16, per_token, max_model_len=160) == 10
+    with pytest.raises(ValueError, match="at most 160"):
+        plan_num_blocks(10 * 16 * per_token + 5, 16, per_token, max_model_len=161)
     caches = allocate_kv_caches(2, 5, 16, 3, 64, torch.bfloat16, "cpu")
     assert len(caches) == 2 and caches[0].k_cache.shape == (5, 16, 3, 64)
     assert caches[1].v_cache.dtype == torch.bfloat16 and caches[0].block_size == 16

@@ -59,22 +59,6 @@ class KVCache:
         return k_out.view(shape), v_out.view(shape)
 
 
-def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int,
-                             head_dim: int, dtype: torch.dtype) -> int:
-    """Bytes one block costs across all layers, keys and values together."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
-
-
-def num_blocks_for_budget(budget_bytes: int, num_layers: int, block_size: int,
-                          num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """How many blocks fit in `budget_bytes` (0 when not even one does; the caller decides)."""
-    if budget_bytes < 0:
-        raise ValueError(f"budget_bytes must be non-negative, got {budget_bytes}")
-    per_block = kv_cache_bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
-    return budget_bytes // per_block
-
-
 def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int, dtype: torch.dtype,
                        device: torch.device | str) -> list[KVCache]:
