@@ -16,11 +16,6 @@ class KVCacheManager:
         self._block_tables: dict[str, list[int]] = {}
 
     @property
-    def num_total_tokens(self) -> int:
-        """Tokens the whole pool can hold."""
-        return self.block_pool.num_blocks * self.block_size
-
-    @property
     def usage(self) -> float:
         return self.block_pool.usage
 
@@ -30,9 +25,6 @@ class KVCacheManager:
     def num_blocks_needed(self, request_id: str, num_tokens: int) -> int:
         """Extra blocks needed for the request to hold `num_tokens` tokens in total."""
         return max(0, cdiv(num_tokens, self.block_size) - len(self.block_ids(request_id)))
-
-    def can_allocate(self, request_id: str, num_tokens: int) -> bool:
-        return self.num_blocks_needed(request_id, num_tokens) <= self.block_pool.num_free_blocks
 
     def allocate_slots(self, request_id: str, num_tokens: int) -> bool:
         """Grow the request's table to hold `num_tokens` tokens. False (and nothing) if short."""
