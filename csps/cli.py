@@ -141,10 +141,13 @@ def serve_command(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn  # the engine and server are heavy: import them only to serve
 
+    from csps.engine import torchrun_executor as torchrun
     from csps.engine.async_engine import AsyncLLMEngine
     from csps.server.api import create_app
 
     try:
+        if torchrun.launched_by_torchrun() and torchrun.torchrun_rank() != 0:
+            return torchrun.run_torchrun_worker(config)  # rank 0 holds the engine and the server
         engine = AsyncLLMEngine.from_config(config)
     except ValueError as exc:
         print(f"csps serve: error: {exc}", file=sys.stderr)

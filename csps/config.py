@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-SCHEDULER_POLICIES = ("sarathi", "vllm")
+SCHEDULER_POLICIES = ("auto", "sarathi", "vllm", "sps2")
+SP_ATTENTION_ALGORITHMS = ("ulysses", "allgather_kv", "ring")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -60,14 +61,18 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    policy: str = field(default="sarathi", metadata=_help(
-        "Scheduling policy: sarathi (chunked prefill, stall-free batching) or vllm "
-        "(prefill-first, no chunking)."))
+    policy: str = field(default="auto", metadata=_help(
+        "Scheduling policy: sarathi (chunked prefill, stall-free batching), vllm "
+        "(prefill-first, no chunking) or sps2 (long prompts prefill with sequence parallelism, "
+        "decode moves the query); auto: sarathi on one SP rank, sps2 on several."))
     max_num_batched_tokens: int | None = field(default=None, metadata=_help(
         "Token budget per iteration (default: 512 for sarathi, max_model_len for vllm)."))
     max_num_seqs: int = field(default=256, metadata=_help("Most requests running at once."))
     max_waiting_requests: int = field(default=1024, metadata=_help(
         "Most requests queued; past this the server answers 503."))
+    long_prompt_threshold: int = field(default=1024, metadata=_help(
+        "sps2: prompts of at least this many tokens prefill over the whole SP group; shorter "
+        "ones prefill in chunks on one rank."))
 
     def __post_init__(self) -> None:
         if self.policy not in SCHEDULER_POLICIES:
@@ -78,12 +83,14 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs must be positive")
         if self.max_waiting_requests < 1:
             raise ValueError("max_waiting_requests must be positive")
+        if self.long_prompt_threshold < 1:
+            raise ValueError("long_prompt_threshold must be positive")
 
     def token_budget(self, max_model_len: int) -> int:
         """The per-iteration token budget once the context length is known."""
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
-        return 512 if self.policy == "sarathi" else max_model_len
+        return max_model_len if self.policy == "vllm" else 512
 
 
 @dataclass(frozen=True)
@@ -91,10 +98,16 @@ class ParallelConfig:
     sequence_parallel_size: int = field(default=1, metadata=_help(
         "Workers a long prompt's prefill is split over (vLLM's -pcp / -dcp)."))
     tensor_parallel_size: int = field(default=1, metadata=_help("Tensor-parallel workers."))
+    sp_attention: str = field(default="ulysses", metadata=_help(
+        "Exact SP prefill attention: ulysses (all-to-all, heads split by KV group), "
+        "allgather_kv (partial Q, all-gathered KV) or ring (pass-KV)."))
 
     def __post_init__(self) -> None:
         if self.sequence_parallel_size < 1 or self.tensor_parallel_size < 1:
             raise ValueError("parallel sizes must be positive")
+        if self.sp_attention not in SP_ATTENTION_ALGORITHMS:
+            raise ValueError(f"sp_attention must be one of {SP_ATTENTION_ALGORITHMS}, "
+                             f"got {self.sp_attention!r}")
 
     @property
     def world_size(self) -> int:
@@ -107,6 +120,17 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        """Resolve policy "auto" and refuse a policy that cannot drive the SP group."""
+        sp_size = self.parallel.sequence_parallel_size
+        if self.scheduler.policy == "auto":
+            policy = "sps2" if sp_size > 1 else "sarathi"
+            object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler,
+                                                                      policy=policy))
+        if sp_size > 1 and self.scheduler.policy != "sps2":
+            raise ValueError(f"policy {self.scheduler.policy!r} runs each request on one "
+                             f"worker; with sequence_parallel_size {sp_size} use sps2")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

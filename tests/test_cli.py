@@ -22,19 +22,26 @@ def parse(*argv: str):
 def test_vllm_flag_names_fill_the_config():
     args = parse("my-model", "--max-model-len", "4096", "--max-num-batched-tokens", "1024",
                  "--max-num-seqs", "8", "--served-model-name", "served", "--dtype", "float32",
-                 "--seed", "3", "-tp", "2", "-sp", "4", "--scheduler", "vllm",
+                 "--seed", "3", "-tp", "2", "-sp", "4", "--scheduler", "sps2",
                  "--kv-cache-memory-bytes", "512M", "--block-size", "32",
-                 "--max-waiting-requests", "10", "--device", "cpu")
+                 "--max-waiting-requests", "10", "--device", "cpu",
+                 "--long-prompt-threshold", "2048", "--sp-attention", "ring")
     config = cli.config_from_args(args)
     assert (config.model.model, config.model.served_model_name, config.model.name) == (
         "my-model", "served", "served")
     assert (config.model.max_model_len, config.model.dtype, config.model.seed) == (4096,
                                                                                    "float32", 3)
     assert config.model.device == "cpu"
-    assert (config.scheduler.policy, config.scheduler.max_num_batched_tokens) == ("vllm", 1024)
+    assert (config.scheduler.policy, config.scheduler.max_num_batched_tokens) == ("sps2", 1024)
+    assert (config.scheduler.long_prompt_threshold, config.parallel.sp_attention) == (2048, "ring")
     assert (config.scheduler.max_num_seqs, config.scheduler.max_waiting_requests) == (8, 10)
     assert (config.cache.kv_cache_memory_bytes, config.cache.block_size) == (512 << 20, 32)
     assert (config.parallel.tensor_parallel_size, config.parallel.sequence_parallel_size) == (2, 4)
+
+
+def test_a_single_worker_policy_on_an_sp_group_is_refused():
+    with pytest.raises(ValueError, match="sps2"):
+        cli.config_from_args(parse("-sp", "2", "--scheduler", "sarathi"))
 
 
 def test_long_parallel_flags_and_defaults():
@@ -44,7 +51,8 @@ def test_long_parallel_flags_and_defaults():
                                                     tensor_parallel_size=2)
     defaults = EngineConfig()
     assert config.model == defaults.model and config.cache == defaults.cache
-    assert config.scheduler == defaults.scheduler
+    assert config.scheduler.policy == "sps2"  # "auto" on several SP ranks
+    assert defaults.scheduler.policy == "sarathi"  # "auto" on one
     assert (args.host, args.port, args.api_key, args.log_level) == ("127.0.0.1", 8000, None,
                                                                    "info")
 

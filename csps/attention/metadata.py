@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from csps.attention.sp_decode_plan import SpDecodePlan
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: hashed by identity; backends cache per batch
@@ -26,6 +30,9 @@ class AttentionMetadata:
     # SP prefill only: tokens of the single request's prompt held by each rank of the SP group,
     # in rank (= sequence) order; this batch is this rank's chunk. None: no sequence parallelism.
     sp_chunk_lens: list[int] | None = None
+    # SP decode only: the q-move exchange of decodes whose KV spans SP ranks. Their rows come
+    # after the R requests above (which describe the rank's other, local rows).
+    sp_decode: SpDecodePlan | None = None
 
     @classmethod
     def build(cls, requests: Sequence[tuple[int, int, Sequence[int]]], block_size: int,

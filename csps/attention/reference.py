@@ -167,17 +167,37 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q [Lq, Hq, D]; k, v [Lk, Hkv, D]. With causal_offset c, query i sees keys j <= c + i; None
     means all keys. Returns out [Lq, Hq, D] (q's dtype) and lse [Lq, Hq] (float32); a query
     that sees no key gets out 0 and lse -inf, so merging it is a no-op (see merge.py).
+    Queries go in blocks of _LSE_QUERY_BLOCK rows, so scores stay [Hq, block, Lk].
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     group = q.shape[1] // k.shape[1]
-    qf = q.float().transpose(0, 1)  # [Hq, Lq, D]
     kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, Lk, D]
     vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, Lk, D]
-    scores = torch.matmul(qf, kf.transpose(1, 2)) * scale  # [Hq, Lq, Lk]
-    if causal_offset is not None:
-        visible = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool, device=q.device)
-        scores = scores.masked_fill(~visible.tril(causal_offset), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [Hq, Lq]
-    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # -inf - -inf rows -> 0
-    out = torch.matmul(probs, vf)  # [Hq, Lq, D]
+    outs, lses = [], []
+    for start in range(0, q.shape[0], _LSE_QUERY_BLOCK):
+        qf = q[start:start + _LSE_QUERY_BLOCK].float().transpose(0, 1)  # [Hq, b, D]
+        offset = None if causal_offset is None else causal_offset + start
+        out, lse = _lse_block(qf, kf, vf, scale, offset)
+        outs.append(out)
+        lses.append(lse)
+    if not outs:  # no queries
+        return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+    out, lse = torch.cat(outs, dim=1), torch.cat(lses, dim=1)  # [Hq, Lq, D], [Hq, Lq]
     return out.transpose(0, 1).to(q.dtype), lse.transpose(0, 1).contiguous()
+
+
+# Query rows per block of attention_with_lse: at 16k keys and 9 heads a block's fp32 scores
+# take 9 * 2048 * 16k * 4 B = 1.2 GB instead of 9.7 GB for the whole 16k x 16k.
+_LSE_QUERY_BLOCK = 2048
+
+
+def _lse_block(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, scale: float,
+               causal_offset: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """qf [Hq, b, D], kf/vf [Hq, Lk, D] fp32 -> out [Hq, b, D], lse [Hq, b]."""
+    scores = torch.matmul(qf, kf.transpose(1, 2)) * scale  # [Hq, b, Lk]
+    if causal_offset is not None:
+        visible = torch.ones(qf.shape[1], kf.shape[1], dtype=torch.bool, device=qf.device)
+        scores = scores.masked_fill(~visible.tril(causal_offset), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [Hq, b]
+    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # -inf - -inf rows -> 0
+    return torch.matmul(probs, vf), lse  # [Hq, b, D]

@@ -45,8 +45,14 @@ class UniProcExecutor:
 
 
 def make_executor(config: EngineConfig, worker_kwargs: dict[str, Any]) -> Executor:
-    """One in-process worker for world size 1, else one process per SP x TP rank."""
+    """The torchrun world when torchrun started this process, else one in-process worker for
+    world size 1, else one spawned process per SP x TP rank."""
+    from csps.engine.torchrun_executor import TorchrunExecutor, launched_by_torchrun
+
     parallel = config.parallel
+    if launched_by_torchrun():
+        return TorchrunExecutor(worker_kwargs, parallel.sequence_parallel_size,
+                                parallel.tensor_parallel_size)
     if parallel.world_size == 1:
         return UniProcExecutor(**worker_kwargs)
     from csps.engine.multiproc_executor import MultiProcExecutor

@@ -15,6 +15,8 @@ from csps.engine.outputs import IterationStats, RequestMetrics, RequestOutput
 from csps.engine.worker import resolve_device, resolve_dtype
 from csps.kvcache.capacity import kv_bytes_per_token, plan_num_blocks
 from csps.kvcache.kv_cache_manager import KVCacheManager
+from csps.kvcache.placement import DistributedKVCacheManager
+from csps.layers.linear import shard_range
 from csps.model.loader import read_arch_config
 from csps.model.resolve import resolve_model
 from csps.model.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -27,9 +29,6 @@ ExecutorFactory = Callable[[EngineConfig, dict[str, Any]], Executor]
 class LLMEngine:
     def __init__(self, config: EngineConfig,
                  executor_factory: ExecutorFactory = make_executor) -> None:
-        if config.parallel.world_size > 1:
-            raise ValueError("sequence/tensor parallel sizes above 1 need multi-process workers, "
-                             "which this build does not have yet; use -sp 1 -tp 1")
         self.config = config
         model_dir = resolve_model(config.model.model)
         self.arch = read_arch_config(model_dir)
@@ -38,17 +37,25 @@ class LLMEngine:
         self.max_model_len = config.model.max_model_len or self.arch.max_position_embeddings
         device = resolve_device(config.model.device)
         dtype = resolve_dtype(config.model.dtype, device)
-        bytes_per_token = kv_bytes_per_token(self.arch.num_hidden_layers,
-                                             self.arch.num_key_value_heads, self.arch.head_dim,
-                                             dtype)
+        parallel = config.parallel
+        kv_heads_per_rank = max(len(shard_range(self.arch.num_key_value_heads, r,
+                                                parallel.tensor_parallel_size))
+                                for r in range(parallel.tensor_parallel_size))
+        bytes_per_token = kv_bytes_per_token(self.arch.num_hidden_layers, kv_heads_per_rank,
+                                             self.arch.head_dim, dtype)
+        sp_ranks = parallel.sequence_parallel_size if config.scheduler.policy == "sps2" else 1
         num_blocks = plan_num_blocks(config.cache.kv_cache_memory_bytes, config.cache.block_size,
-                                     bytes_per_token, self.max_model_len)
+                                     bytes_per_token, self.max_model_len, num_ranks=sp_ranks)
         self.executor = executor_factory(config, dict(
             model_dir=model_dir, arch=self.arch, dtype=dtype, device=device,
-            num_blocks=num_blocks, block_size=config.cache.block_size, seed=config.model.seed))
-        self.scheduler = Scheduler(config.scheduler,
-                                   KVCacheManager(num_blocks, config.cache.block_size),
-                                   self.max_model_len)
+            num_blocks=num_blocks, block_size=config.cache.block_size, seed=config.model.seed,
+            sp_attention=parallel.sp_attention))
+        if config.scheduler.policy == "sps2":  # KV placed per SP rank (kvcache/placement.py)
+            kv_cache_manager = DistributedKVCacheManager(parallel.sequence_parallel_size,
+                                                         num_blocks, config.cache.block_size)
+        else:
+            kv_cache_manager = KVCacheManager(num_blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, kv_cache_manager, self.max_model_len)
         self._states: dict[str, RequestState] = {}
 
     # ---- admission --------------------------------------------------------------------------
@@ -114,7 +121,8 @@ class LLMEngine:
         updates = self.scheduler.update_from_output(scheduler_output, runner_output)
         now = time.monotonic()
         stats = IterationStats(num_prompt_tokens=scheduler_output.num_prefill_tokens,
-                               num_generation_tokens=len(updates))
+                               num_generation_tokens=len(updates),
+                               comm_bytes=runner_output.comm_bytes)
         outputs = []
         for update in updates:
             request = update.request
@@ -148,11 +156,11 @@ class LLMEngine:
         return outputs
 
     def get_stats(self) -> dict:
-        pool = self.scheduler.kv_cache_manager.block_pool
+        manager = self.scheduler.kv_cache_manager
         return {"num_running": self.scheduler.num_running,
                 "num_waiting": self.scheduler.num_waiting,
-                "kv_cache_usage": pool.usage, "num_free_blocks": pool.num_free_blocks,
-                "num_total_blocks": pool.num_blocks}
+                "kv_cache_usage": manager.usage, "num_free_blocks": manager.num_free_blocks,
+                "num_total_blocks": manager.num_total_blocks}
 
     def check_health(self) -> None:
         """Raise WorkerError if a worker has failed or exited (cheap: no round trip)."""

@@ -1,5 +1,5 @@
-"""ModelRunner: one iteration on a worker. SchedulerOutput -> flat tensors + AttentionMetadata ->
-model -> logits at the sampling positions -> sampled token ids (a RunnerOutput)."""
+"""ModelRunner: one iteration on a worker. SchedulerOutput -> this rank's ModelInput -> model
+-> logits at the sampling rows -> sampled token ids (a RunnerOutput)."""
 
 from __future__ import annotations
 
@@ -7,49 +7,49 @@ import time
 
 import torch
 
-from csps.attention.metadata import AttentionMetadata
+from csps.engine.model_input import ModelInput, prepare_inputs
 from csps.engine.sampler import Sampler
+from csps.engine.sp_model_input import prepare_sp_inputs
 from csps.scheduler.output import RunnerOutput, SchedulerOutput
 
 
 class ModelRunner:
+    """sp_rank/sp_size: this rank's place in its SP group (0/1 without sequence parallelism)."""
+
     def __init__(self, model, kv_caches: list, block_size: int, device: torch.device,
-                 sampler: Sampler) -> None:
+                 sampler: Sampler, sp_rank: int = 0, sp_size: int = 1) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
         self.sampler = sampler
+        self.sp_rank, self.sp_size = sp_rank, sp_size
+
+    def prepare(self, scheduler_output: SchedulerOutput) -> ModelInput | None:
+        requests = scheduler_output.scheduled_requests
+        if not requests:
+            return None
+        if any(r.kv_ranges for r in requests):  # placed by an SP-aware scheduler
+            return prepare_sp_inputs(requests, self.sp_rank, self.sp_size, self.block_size,
+                                     self.device)
+        return prepare_inputs(requests, self.block_size, self.device)
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         start = time.perf_counter()
         self.sampler.forget(scheduler_output.finished_request_ids)
-        requests = scheduler_output.scheduled_requests
-        if not requests:
-            return RunnerOutput()
-        input_ids: list[int] = []
-        positions: list[int] = []
-        sample_rows: list[int] = []  # flat index of the last token of each sampling request
-        for r in requests:
-            input_ids.extend(r.token_ids)
-            positions.extend(range(r.num_computed_tokens,
-                                   r.num_computed_tokens + r.num_scheduled_tokens))
-            if r.do_sample:
-                sample_rows.append(len(input_ids) - 1)
-        metadata = AttentionMetadata.build(
-            [(r.num_computed_tokens, r.num_scheduled_tokens, r.block_ids) for r in requests],
-            block_size=self.block_size, device=self.device)
-        input_tensor = torch.tensor(input_ids, dtype=torch.long, device=self.device)  # [T]
-        position_tensor = torch.tensor(positions, dtype=torch.long, device=self.device)  # [T]
-        hidden = self.model(input_tensor, position_tensor, self.kv_caches, metadata)  # [T, H]
+        model_input = self.prepare(scheduler_output)
+        if model_input is None:
+            return RunnerOutput(execute_time_s=time.perf_counter() - start)
+        hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
+                            model_input.metadata)  # [T, H]
         sampled: dict[str, int] = {}
-        if sample_rows:
-            rows = torch.tensor(sample_rows, device=self.device)
+        if model_input.samples:
+            rows = torch.tensor([row for row, _ in model_input.samples], device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] fp32
-            samplers = [r for r in requests if r.do_sample]
-            token_ids = self.sampler.sample(logits, [r.request_id for r in samplers],
-                                            [r.sampling_params for r in samplers])
-            sampled = {r.request_id: t for r, t in zip(samplers, token_ids, strict=True)}
+            requests = [r for _, r in model_input.samples]
+            token_ids = self.sampler.sample(logits, [r.request_id for r in requests],
+                                            [r.sampling_params for r in requests])
+            sampled = {r.request_id: t for r, t in zip(requests, token_ids, strict=True)}
         return RunnerOutput(sampled_token_ids=sampled,
                             execute_time_s=time.perf_counter() - start)

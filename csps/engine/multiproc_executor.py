@@ -1,5 +1,5 @@
 """MultiProcExecutor: spawns sp_size * tp_size worker processes and drives them with one verb,
-`call(method, *args)`: the same Worker method on every rank, rank 0's result back (style.md
+`call(method, *args)`: the same Worker method on every rank, every rank's result back (style.md
 example 8). A worker that raises, dies or stalls stops them all; later calls raise at once."""
 
 from __future__ import annotations
@@ -106,10 +106,11 @@ class MultiProcExecutor:
         return [proc.pid for proc in self._procs]
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        return self.call("execute_model", scheduler_output)
+        """Each request is sampled by its leader's ranks: merge what every rank returns."""
+        return RunnerOutput.merge(self.call("execute_model", scheduler_output))
 
-    def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
-        """Run worker.method(*args) on every rank; return rank 0's result. timeout_s (default
+    def call(self, method: str, *args: Any, timeout_s: float | None = None) -> list[Any]:
+        """Run worker.method(*args) on every rank; the results in rank order. timeout_s (default
         call_timeout_s) bounds the wait. ValueError for a method off WORKER_METHODS or a payload
         over MAX_PAYLOAD_BYTES (nothing is sent); WorkerError if any rank fails."""
         self.check_health()
@@ -144,8 +145,8 @@ class MultiProcExecutor:
         self._finalizer()
 
     # ---- replies and failures ---------------------------------------------------------------
-    def _gather(self, expected: str, timeout_s: float | None) -> Any:
-        """Wait for one `expected` reply per rank, or its process's end; rank 0's payload."""
+    def _gather(self, expected: str, timeout_s: float | None) -> list[Any]:
+        """Wait for one `expected` reply per rank, or its process's end; payloads by rank."""
         pending = set(range(self.world_size))
         replies: dict[int, Any] = {}
         failures: list[Failure] = []  # in arrival order
@@ -177,7 +178,7 @@ class MultiProcExecutor:
                                                       f"expected {expected!r}"))
         if failures:
             self._fail(failures)
-        return replies[0]
+        return [replies[r] for r in range(self.world_size)]
 
     def _read(self, rank: int) -> tuple[str, Any]:
         """The rank's next message, or ("died", None) when its process is gone."""

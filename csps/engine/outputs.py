@@ -67,3 +67,4 @@ class IterationStats:
     ttfts_s: list[float] = field(default_factory=list)  # for requests that got a first token
     inter_token_latencies_s: list[float] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)
+    comm_bytes: dict[str, int] = field(default_factory=dict)  # phase -> bytes, all workers

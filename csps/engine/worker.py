@@ -11,6 +11,7 @@ from csps.engine.model_runner import ModelRunner
 from csps.engine.sampler import Sampler
 from csps.kvcache.paged_cache import allocate_kv_caches
 from csps.model.loader import load_model
+from csps.parallel.comm import CommStats
 from csps.scheduler.output import RunnerOutput, SchedulerOutput
 
 if TYPE_CHECKING:
@@ -38,16 +39,30 @@ class Worker:
     a single-process engine); the executor calls its methods (see worker_proc.WORKER_METHODS)."""
 
     def __init__(self, model_dir: Path, arch, dtype: str, device: str, num_blocks: int,
-                 block_size: int, seed: int, groups: ParallelGroups | None = None) -> None:
+                 block_size: int, seed: int, groups: ParallelGroups | None = None,
+                 sp_attention: str = "ulysses") -> None:
         torch.manual_seed(seed)
         self.groups = groups
         self.device = torch.device(device)
-        self.model = load_model(model_dir, dtype=TORCH_DTYPES[dtype], device=self.device)
+        self.comm_stats = CommStats()
+        backend = tp = None
+        if groups is not None:
+            from csps.parallel.worker_context import make_parallel_context
+
+            backend, tp = make_parallel_context(groups, sp_attention, self.comm_stats)
+        self.model = load_model(model_dir, dtype=TORCH_DTYPES[dtype], device=self.device,
+                                attn_backend=backend, tp=tp)
         kv_caches = allocate_kv_caches(
             num_layers=arch.num_hidden_layers, num_blocks=num_blocks, block_size=block_size,
-            num_kv_heads=arch.num_key_value_heads, head_dim=arch.head_dim,
-            dtype=TORCH_DTYPES[dtype], device=self.device)
-        self.runner = ModelRunner(self.model, kv_caches, block_size, self.device, Sampler(seed))
+            num_kv_heads=self.model.model.layers[0].self_attn.num_kv_heads,  # this TP rank's
+            head_dim=arch.head_dim, dtype=TORCH_DTYPES[dtype], device=self.device)
+        sp_rank, sp_size = (0, 1) if groups is None else (groups.sp_rank, groups.sp_size)
+        self.runner = ModelRunner(self.model, kv_caches, block_size, self.device, Sampler(seed),
+                                  sp_rank=sp_rank, sp_size=sp_size)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        return self.runner.execute_model(scheduler_output)
+        before = dict(self.comm_stats.bytes_sent)
+        output = self.runner.execute_model(scheduler_output)
+        output.comm_bytes = {phase: n - before[phase] for phase, n
+                             in self.comm_stats.bytes_sent.items() if n > before[phase]}
+        return output

@@ -2,7 +2,7 @@
 executor's calls over its pipe until told to stop, a call raises, or the engine goes away.
 
 Pipe messages are pickled tuples. Down: (method, args). Up: ("ready", None) once loaded, then
-("ok", result) per call (rank 0 sends the result, other ranks None) or ("error", (type name,
+("ok", result) per call or ("error", (type name,
 message, traceback text)), after which the worker exits: its peers may be stuck in a collective,
 so the executor tears the whole world down.
 """
@@ -73,7 +73,7 @@ def serve(conn: Connection, worker: Worker, rank: int) -> bool:
                 raise ValueError(f"worker method {method!r} is not callable remotely")
             result = getattr(worker, method)(*args)
             # NOTE: pickled here so that an unpicklable result fails as this call's error
-            reply = pickle.dumps(("ok", result if rank == 0 else None))
+            reply = pickle.dumps(("ok", result))
         except Exception as exc:
             send(conn, ("error", error_payload(exc)))
             return False

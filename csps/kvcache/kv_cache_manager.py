@@ -19,6 +19,17 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.block_pool.usage
 
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_pool.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.block_pool.num_blocks
+
+    def has_blocks(self, request_id: str) -> bool:
+        return bool(self._block_tables.get(request_id))
+
     def block_ids(self, request_id: str) -> list[int]:
         return self._block_tables.get(request_id, [])
 

@@ -163,6 +163,27 @@ class DistributedKVCacheManager:
         self._placements[request_id] = RequestPlacement(request_id, ranges)
         return ranges[-1] if ranges else None
 
+    # ---- the KVCacheManager interface the scheduler uses -------------------------------------
+    def allocate_slots(self, request_id: str, num_tokens: int) -> bool:
+        """Grow a placed request to hold num_tokens tokens in all; False (no change) if short."""
+        grow = num_tokens - self._placements[request_id].num_tokens
+        return grow <= 0 or self.append_slots(request_id, grow) is not None
+
+    def has_blocks(self, request_id: str) -> bool:
+        return request_id in self._placements
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_total_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return sum(pool.num_free_blocks for pool in self.pools)
+
+    @property
+    def num_total_blocks(self) -> int:
+        return sum(pool.num_blocks for pool in self.pools)
+
     def free(self, request_id: str) -> None:
         """Return all the request's blocks on every rank (a no-op for an unknown request)."""
         self._groups.pop(request_id, None)

@@ -75,7 +75,8 @@ class LlamaAttention(nn.Module):
         q_and_k, v = qkv.split([self.qkv_proj.q_size + self.qkv_proj.kv_size,
                                 self.qkv_proj.kv_size], dim=-1)
         # RoPE on q and k at once: [T, Hq + Hkv, D], then split by heads.
-        q_and_k = apply_rotary_emb(q_and_k.view(num_tokens, -1, self.head_dim), cos, sin)
+        q_and_k = apply_rotary_emb(q_and_k.view(num_tokens, self.num_heads + self.num_kv_heads,
+                                                   self.head_dim), cos, sin)
         q, k = q_and_k.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         out = self.attn_backend.forward(q, k, v, kv_cache, metadata, scale=self.scale)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-PHASES = ("prefill_attn", "decode_attn", "tp", "control")
+from csps.scheduler.output import COMM_PHASES as PHASES
 
 
 def _zeros() -> dict:

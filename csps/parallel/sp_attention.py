@@ -1,25 +1,27 @@
-"""SequenceParallelAttention: the AttentionBackend of SP-NTP prefill (algorithms.md §2.1).
+"""SequenceParallelAttention: the AttentionBackend of SP-NTP prefill (algorithms.md §2.1) and of
+q-move decode over KV spread across the SP group (§2.4, sp_decode.py).
 
 Each rank of the SP group runs the whole model on one contiguous chunk of a single prompt
 (RoPE at global positions, chosen by the caller's `positions`), keeps that chunk's K/V in its
 own paged cache, and computes attention across chunks with one of the SP primitives. Batches
 without SP layout (metadata.sp_chunk_lens is None, e.g. decode steps) go to the reference
-backend, so one model instance serves both.
+backend, and batches with an SpDecodePlan send their spread decodes' queries to the KV.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from csps.attention.backend import AttentionBackend
 from csps.attention.reference import ReferenceAttentionBackend
 from csps.parallel.allgather_kv import allgather_kv_attention
 from csps.parallel.ring import ring_attention
+from csps.parallel.sp_decode import qmove_decode_attention
 from csps.parallel.ulysses import ulysses_attention
 
 if TYPE_CHECKING:
-    import torch
-
     from csps.attention.metadata import AttentionMetadata
     from csps.kvcache.paged_cache import KVCache
     from csps.parallel.comm import Communicator
@@ -38,10 +40,12 @@ class SequenceParallelAttention(AttentionBackend):
 
     name = "sequence_parallel"
 
-    def __init__(self, comm: Communicator, algorithm: str = "ulysses") -> None:
+    def __init__(self, comm: Communicator, algorithm: str = "ulysses",
+                 decode_comm: Communicator | None = None) -> None:
         if algorithm not in SP_ALGORITHMS:
             raise ValueError(f"unknown SP algorithm {algorithm!r}; known: {list(SP_ALGORITHMS)}")
         self.comm = comm  # the SP group, ranks in chunk (= sequence) order
+        self.decode_comm = decode_comm or comm  # the same group, counting decode bytes
         self.algorithm = algorithm
         self._attend = SP_ALGORITHMS[algorithm]
         self._fallback = ReferenceAttentionBackend()  # batches without SP layout
@@ -56,6 +60,8 @@ class SequenceParallelAttention(AttentionBackend):
         Raises ValueError for several requests, a cached prefix, or a layout that does not
         match this rank's rows or the group size.
         """
+        if metadata.sp_decode is not None:
+            return self._decode(q, k, v, kv_cache, metadata, scale)
         chunk_lens = metadata.sp_chunk_lens
         if chunk_lens is None:
             return self._fallback.forward(q, k, v, kv_cache, metadata, scale=scale)
@@ -65,6 +71,22 @@ class SequenceParallelAttention(AttentionBackend):
                 raise ValueError("a kv_cache needs metadata built with slot_mapping")
             kv_cache.write_slots(k, v, metadata.slot_mapping)
         return self._attend(q, k, v, chunk_lens, self.comm, scale=scale)
+
+    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                metadata: AttentionMetadata, scale: float | None) -> torch.Tensor:
+        """Rows [0, metadata.num_tokens): local requests (reference backend); the rest: this
+        rank's led spread decodes (q-move). Collective: every SP rank calls it each layer."""
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        n = metadata.num_tokens
+        if q.shape[0] != n + metadata.sp_decode.num_led:
+            raise ValueError(f"{q.shape[0]} rows, expected {n} local + "
+                             f"{metadata.sp_decode.num_led} spread decodes")
+        spread = qmove_decode_attention(q[n:], k[n:], v[n:], kv_cache, metadata.sp_decode,
+                                        self.decode_comm, scale)
+        if n == 0:
+            return spread
+        local = self._fallback.forward(q[:n], k[:n], v[:n], kv_cache, metadata, scale=scale)
+        return torch.cat([local, spread])
 
     def _check(self, q: torch.Tensor, metadata: AttentionMetadata,
                chunk_lens: list[int]) -> None:

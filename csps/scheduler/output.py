@@ -6,7 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from csps.kvcache.placement import TokenRange
 from csps.request import SamplingParams
+
+# What workers' traffic is counted by (RunnerOutput.comm_bytes keys; parallel/comm.py).
+COMM_PHASES = ("prefill_attn", "decode_attn", "tp", "control")
 
 
 @dataclass
@@ -25,6 +29,22 @@ class ScheduledRequest:
     block_ids: list[int]  # the request's whole block table, in order
     sampling_params: SamplingParams
     do_sample: bool  # True for the last prefill chunk and for every decode step
+    # Sequence parallelism (sp_size > 1; the defaults mean one worker, KV in `block_ids`):
+    # where the request's KV lives once this iteration has run, in position order; the SP rank
+    # that runs its tokens (dense layers, sampling); and, for an SP prefill, the prompt's
+    # chunk length on each SP rank (sum = len(token_ids), chunk r runs on SP rank r).
+    kv_ranges: tuple[TokenRange, ...] = ()
+    leader: int = 0
+    sp_chunk_lens: tuple[int, ...] | None = None
+
+    @property
+    def is_sp_prefill(self) -> bool:
+        return self.sp_chunk_lens is not None
+
+    @property
+    def is_distributed(self) -> bool:
+        """True when the request's KV spans more than one SP rank."""
+        return len({r.rank for r in self.kv_ranges}) > 1
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -67,3 +87,16 @@ class RunnerOutput:
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     execute_time_s: float = 0.0  # wall time the worker spent on the iteration
+    comm_bytes: dict[str, int] = field(default_factory=dict)  # phase -> bytes sent this iteration
+
+    @classmethod
+    def merge(cls, outputs: list[RunnerOutput]) -> RunnerOutput:
+        """Combine the ranks' outputs: each request is sampled by one rank (its leader); times
+        are the slowest rank's; bytes add up over ranks."""
+        merged = cls()
+        for out in outputs:
+            merged.sampled_token_ids.update(out.sampled_token_ids)
+            merged.execute_time_s = max(merged.execute_time_s, out.execute_time_s)
+            for phase, num_bytes in out.comm_bytes.items():
+                merged.comm_bytes[phase] = merged.comm_bytes.get(phase, 0) + num_bytes
+        return merged

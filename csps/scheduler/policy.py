@@ -4,6 +4,7 @@ A policy only decides; it calls the scheduler's helpers (`schedule_decode`, `sch
 `admit`) that do the KV bookkeeping. Policies (algorithms.md section 3):
 - `sarathi`: chunked prefill with stall-free hybrid batching (Sarathi-Serve).
 - `vllm`: prefill-first without chunking (the classic reference).
+- `sps2`: CSPS (algorithms.md §2): SP prefill of long prompts, decode separate from prefill.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from csps.config import SchedulerConfig
     from csps.scheduler.batch import BatchBuilder
     from csps.scheduler.scheduler import Scheduler
 
@@ -62,10 +64,61 @@ class VllmPolicy:
                 break
 
 
-POLICIES: dict[str, type] = {"sarathi": SarathiPolicy, "vllm": VllmPolicy}
+class Sps2Policy:
+    """CSPS on an SP group (needs a DistributedKVCacheManager).
+
+    Iterations are either prefill or decode, never both (algorithms.md §2.4). A prefill
+    iteration runs the in-flight chunks of short prompts (each on the rank it was placed on,
+    under the token budget) plus newly admitted short prompts; or, when none is in flight and
+    the waiting head has at least `long_prompt_threshold` tokens (or more than one rank's KV
+    pool holds), that one prompt prefilled whole over the SP group. A decode iteration runs one
+    token of every decoding request; for a request whose KV spans ranks the query moves to
+    the KV. While both kinds have work they
+    alternate, so a decode waits at most one prefill iteration (one SP prefill or one budget of
+    chunks) and TBT stays flat while long prompts arrive.
+    """
+
+    name = "sps2"
+    chunks_prefill = True
+
+    def __init__(self, long_prompt_threshold: int = 1024) -> None:
+        self.long_prompt_threshold = long_prompt_threshold
+        self._last_was_prefill = False
+
+    def schedule(self, scheduler: Scheduler, batch: BatchBuilder) -> None:
+        has_decodes = any(not r.is_prefill for r in scheduler.running)
+        if not (has_decodes and self._last_was_prefill):
+            self._schedule_prefills(scheduler, batch)
+        self._last_was_prefill = not batch.is_empty
+        if batch.is_empty:
+            for request in list(scheduler.running):
+                if (request in scheduler.running and not request.is_prefill
+                        and not scheduler.schedule_decode(request, batch)):
+                    break
+
+    def _schedule_prefills(self, scheduler: Scheduler, batch: BatchBuilder) -> None:
+        for request in scheduler.running:
+            if request.is_prefill and batch.token_budget > 0:
+                scheduler.schedule_prefill(request, batch, chunked=True)
+        while scheduler.waiting and batch.token_budget > 0 and scheduler.can_run_more:
+            head = scheduler.waiting[0]
+            # NOTE: a prompt one rank cannot hold goes SP whatever the threshold
+            threshold = min(self.long_prompt_threshold, scheduler.rank_capacity_tokens + 1)
+            if scheduler.sp_size > 1 and head.num_tokens >= max(threshold, scheduler.sp_size):
+                if batch.is_empty:
+                    scheduler.admit_sequence_parallel(head, batch)
+                break
+            if not scheduler.admit_local(head, batch):
+                break
 
 
-def make_policy(name: str) -> SchedulingPolicy:
-    if name not in POLICIES:
-        raise ValueError(f"unknown scheduler policy {name!r}; choose from {sorted(POLICIES)}")
-    return POLICIES[name]()
+POLICIES: dict[str, type] = {"sarathi": SarathiPolicy, "vllm": VllmPolicy, "sps2": Sps2Policy}
+
+
+def make_policy(config: SchedulerConfig) -> SchedulingPolicy:
+    if config.policy not in POLICIES:
+        raise ValueError(f"unknown scheduler policy {config.policy!r}; choose from "
+                         f"{sorted(POLICIES)}")
+    if config.policy == "sps2":
+        return Sps2Policy(config.long_prompt_threshold)
+    return POLICIES[config.policy]()

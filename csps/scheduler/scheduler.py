@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 
 from csps.config import SchedulerConfig
 from csps.kvcache.kv_cache_manager import KVCacheManager
+from csps.kvcache.placement import DistributedKVCacheManager
 from csps.request import Request, RequestStatus
 from csps.scheduler.batch import BatchBuilder
 from csps.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from csps.scheduler.policy import make_policy
+from csps.scheduler.sp_books import SequenceParallelBooks
 
 
 @dataclass
@@ -25,14 +27,15 @@ class RequestUpdate:
     stop_reason: int | None = None  # the stop token id that ended it, if any
 
 
-class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager,
+class Scheduler(SequenceParallelBooks):
+    def __init__(self, config: SchedulerConfig,
+                 kv_cache_manager: KVCacheManager | DistributedKVCacheManager,
                  max_model_len: int) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.max_model_len = max_model_len
         self.token_budget = config.token_budget(max_model_len)
-        self.policy = make_policy(config.policy)
+        self.policy = make_policy(config)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the newest
         self.requests: dict[str, Request] = {}
@@ -40,6 +43,10 @@ class Scheduler:
         self._preempted_ids: list[str] = []
         self._iteration = 0
         self.num_preemptions = 0  # total since start (vLLM's num_preemptions_total)
+        # Sequence parallelism (a DistributedKVCacheManager): each placed request's leader,
+        # the SP rank that runs its tokens, and this iteration's SP prefills.
+        self._leaders: dict[str, int] = {}
+        self._sp_prefills: set[str] = set()
 
     # ---- queue management -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -69,6 +76,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.kv_cache_manager.free(request.request_id)
+        self._leaders.pop(request.request_id, None)
         del self.requests[request.request_id]
         self._finished_ids.append(request.request_id)
 
@@ -126,6 +134,8 @@ class Scheduler:
         self.running.remove(request)
         batch.remove(request)
         self.kv_cache_manager.free(request.request_id)
+        self._leaders.pop(request.request_id, None)
+        self._sp_prefills.discard(request.request_id)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -147,18 +157,24 @@ class Scheduler:
             preempted_request_ids=self._preempted_ids,
         )
         self._finished_ids, self._preempted_ids = [], []
+        self._sp_prefills.clear()
         return output
 
     def _to_scheduled(self, request: Request, num_tokens: int) -> ScheduledRequest:
         start = request.num_computed_tokens
-        return ScheduledRequest(
+        scheduled = ScheduledRequest(
             request_id=request.request_id,
             token_ids=request.token_ids_between(start, start + num_tokens),
             num_computed_tokens=start,
-            block_ids=list(self.kv_cache_manager.block_ids(request.request_id)),
+            block_ids=[],
             sampling_params=request.sampling_params,
             do_sample=start + num_tokens == request.num_tokens,
         )
+        if self.is_distributed:
+            self._add_placement(scheduled)
+        else:
+            scheduled.block_ids = list(self.kv_cache_manager.block_ids(request.request_id))
+        return scheduled
 
     def update_from_output(self, output: SchedulerOutput,
                            runner_output: RunnerOutput) -> list[RequestUpdate]:
@@ -209,5 +225,5 @@ class Scheduler:
         if len(self.running) > self.config.max_num_seqs:
             raise AssertionError("more running requests than max_num_seqs")
         for request in self.waiting:
-            if self.kv_cache_manager.block_ids(request.request_id):
+            if self.kv_cache_manager.has_blocks(request.request_id):
                 raise AssertionError(f"waiting request {request.request_id} holds KV blocks")

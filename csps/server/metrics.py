@@ -18,6 +18,7 @@ from prometheus_client import (
 )
 
 from csps.engine.outputs import IterationStats
+from csps.scheduler.output import COMM_PHASES
 
 PREFIX = "csps:"
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -90,6 +91,12 @@ class PrometheusStatLogger:
                                        ["model_name", "finished_reason"], registry=self.registry)
         for reason in FINISH_REASONS:  # export zeros before the first request finishes
             self.request_success.labels(model_name, reason)
+        self.comm_bytes = Counter(PREFIX + "comm_bytes_total",
+                                  "Bytes the workers sent to each other, summed over workers, "
+                                  "by phase (prefill_attn, decode_attn, tp, control).",
+                                  ["model_name", "phase"], registry=self.registry)
+        for phase in COMM_PHASES:
+            self.comm_bytes.labels(model_name, phase)
         self.num_running = gauge("num_requests_running", "Requests running on the engine.")
         self.num_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_cache_usage = gauge("kv_cache_usage_perc",
@@ -114,6 +121,8 @@ class PrometheusStatLogger:
             self.request_prompt_tokens.observe(done.num_prompt_tokens)
             self.request_generation_tokens.observe(done.num_generation_tokens)
             self.request_success.labels(self.model_name, done.finish_reason).inc()
+        for phase, num_bytes in stats.comm_bytes.items():
+            self.comm_bytes.labels(self.model_name, phase).inc(num_bytes)
         self.set_load(stats.num_running, stats.num_waiting, stats.kv_cache_usage)
 
     def set_load(self, num_running: int, num_waiting: int, kv_cache_usage: float) -> None:

@@ -1,0 +1,74 @@
+"""q-move decode attention over KV spread across an SP group (algorithms.md §2.4).
+
+Per layer, two all-to-alls on the SP group carry every distributed decode of the iteration:
+leaders send each new token's q, k, v ([Hq + 2 Hkv, D]) to the ranks holding its KV, and the
+holders send back (out [Hq, D], lse [Hq]) in fp32. Bytes per decode per holder are flat in the
+context length: (Hq + 2 Hkv) * D * e out and Hq * (D + 1) * 4 back. The leader merges the parts
+with the shared log-sum-exp merge (attention/merge.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from csps.attention.merge import merge_attn_states
+from csps.attention.reference import attention_with_lse
+from csps.attention.sp_decode_plan import SpDecodePlan
+from csps.kvcache.paged_cache import KVCache
+from csps.parallel.comm import Communicator
+
+
+def qmove_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           kv_cache: KVCache, plan: SpDecodePlan, comm: Communicator,
+                           scale: float) -> torch.Tensor:
+    """q [n, Hq, D], k/v [n, Hkv, D]: the new tokens of the n decodes this rank leads ->
+    attention output [n, Hq, D]. Collective on comm's group: every rank calls it each layer."""
+    num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    packed = torch.cat([q.reshape(len(q), num_heads * head_dim),
+                        k.reshape(len(k), num_kv_heads * head_dim),
+                        v.reshape(len(v), num_kv_heads * head_dim)], dim=1)  # [n, width]
+    sends = [packed[index] for index in plan.send_index]
+    received = torch.cat(comm.all_to_all(sends, [(c, width) for c in plan.recv_counts]))
+    partials = _attend_held(received, kv_cache, plan, num_heads, num_kv_heads, head_dim, scale)
+    part_width = num_heads * (head_dim + 1)
+    returned = comm.all_to_all(list(partials.split(plan.recv_counts)),
+                               [(len(index), part_width) for index in plan.send_index])
+    # Scatter each holder's parts to the decodes they belong to; non-holders stay at lse -inf.
+    outs, lses = [], []
+    for index, part in zip(plan.send_index, returned, strict=True):
+        out = q.new_zeros(plan.num_led, num_heads, head_dim, dtype=torch.float32)
+        lse = torch.full((plan.num_led, num_heads), float("-inf"), device=q.device)
+        rows = torch.tensor(index, dtype=torch.int64, device=q.device)
+        out[rows] = part[:, :num_heads * head_dim].view(-1, num_heads, head_dim)
+        lse[rows] = part[:, num_heads * head_dim:]
+        outs.append(out)
+        lses.append(lse)
+    merged, _ = merge_attn_states(outs, lses)
+    return merged.to(q.dtype)
+
+
+def _attend_held(received: torch.Tensor, kv_cache: KVCache, plan: SpDecodePlan,
+                 num_heads: int, num_kv_heads: int, head_dim: int,
+                 scale: float) -> torch.Tensor:
+    """received [m, width] (the held decodes' q|k|v) -> partials [m, Hq * (D + 1)] fp32."""
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = received.split([q_size, kv_size, kv_size], dim=1)
+    stores = [i for i, h in enumerate(plan.held) if h.store_slot >= 0]
+    if stores:  # the new tokens' K/V first: each attends to itself
+        rows = torch.tensor(stores, dtype=torch.int64, device=k.device)
+        slots = torch.tensor([plan.held[i].store_slot for i in stores], dtype=torch.int64,
+                             device=k.device)
+        kv_cache.write_slots(k[rows].view(-1, num_kv_heads, head_dim),
+                             v[rows].view(-1, num_kv_heads, head_dim), slots)
+    k_flat = kv_cache.k_cache.view(-1, num_kv_heads, head_dim)
+    v_flat = kv_cache.v_cache.view(-1, num_kv_heads, head_dim)
+    partials = received.new_empty(len(plan.held), num_heads * (head_dim + 1),
+                                  dtype=torch.float32)
+    for i, held in enumerate(plan.held):
+        out, lse = attention_with_lse(q[i].view(1, num_heads, head_dim),
+                                      k_flat.index_select(0, held.slots),
+                                      v_flat.index_select(0, held.slots), scale=scale)
+        partials[i, :q_size] = out.reshape(-1).float()
+        partials[i, q_size:] = lse.reshape(-1)
+    return partials

@@ -1,0 +1,23 @@
+"""What a worker process needs from its place in the SP x TP grid: the attention backend for
+its SP group and the tensor-parallel context for its TP group, sharing one CommStats."""
+
+from __future__ import annotations
+
+from csps.parallel.comm import CommStats, Communicator
+from csps.parallel.groups import ParallelGroups
+from csps.parallel.sp_attention import SequenceParallelAttention
+from csps.parallel.sp_tp import TensorParallelContext
+
+
+def make_parallel_context(groups: ParallelGroups, sp_attention: str, stats: CommStats,
+                          ) -> tuple[SequenceParallelAttention, TensorParallelContext | None]:
+    """(attention backend on the SP group, TP context or None when tp_size is 1). Prefill
+    attention, decode attention and TP traffic are counted in their own phases of `stats`."""
+    backend = SequenceParallelAttention(
+        Communicator(groups.sp_group, stats, "prefill_attn"), sp_attention,
+        decode_comm=Communicator(groups.sp_group, stats, "decode_attn"))
+    tp = None
+    if groups.tp_size > 1:
+        tp = TensorParallelContext(groups.tp_rank, groups.tp_size,
+                                   Communicator(groups.tp_group, stats, "tp"))
+    return backend, tp
