@@ -38,7 +38,8 @@ def csps_prefill_s(llm: LLM, num_tokens: int, seed: int) -> float:
 
 
 def hf_prefill_s(model, num_tokens: int, seed: int) -> float:
-    prompt = torch.randint(100, 40000, (1, num_tokens), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(100, 40000, (1, num_tokens), generator=gen)
     start = time.perf_counter()
     with torch.inference_mode():
         model(prompt, use_cache=True)
@@ -126,8 +127,9 @@ def main() -> None:
         ratios[f"decode/csps_sarathi512/{b}"] = median[f"decode_tps/csps_sarathi512/{b}"] / \
             median[f"decode_tps/hf/{b}"]
         # HF without a serving layer runs requests one at a time: its throughput is batch 1's.
-        ratios[f"decode/csps_sarathi512/{b}_vs_hf_one_at_a_time"] = \
-            median[f"decode_tps/csps_sarathi512/{b}"] / median[f"decode_tps/hf/{min(args.decode_batches)}"]
+        ratios[f"decode/csps_sarathi512/{b}_vs_hf_one_at_a_time"] = (
+            median[f"decode_tps/csps_sarathi512/{b}"]
+            / median[f"decode_tps/hf/{min(args.decode_batches)}"])
     result = {"config": vars(args), "torch_threads": torch.get_num_threads(),
               "median_tokens_per_s": median, "ratio_csps_over_hf": ratios, "samples": samples}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 SCHEDULER_POLICIES = ("auto", "sarathi", "vllm", "sps2")
 SP_ATTENTION_ALGORITHMS = ("ulysses", "allgather_kv", "ring")
+SP_DECODE_MODES = ("qmove", "kvmove")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -73,6 +74,9 @@ class SchedulerConfig:
     long_prompt_threshold: int = field(default=1024, metadata=_help(
         "sps2: prompts of at least this many tokens prefill over the whole SP group; shorter "
         "ones prefill in chunks on one rank."))
+    hybrid_batching: bool = field(default=False, metadata=_help(
+        "sps2: let prefill chunks ride in decode iterations (Sarathi-style hybrid batching) "
+        "instead of alternating separate prefill and decode iterations."))
 
     def __post_init__(self) -> None:
         if self.policy not in SCHEDULER_POLICIES:
@@ -101,6 +105,9 @@ class ParallelConfig:
     sp_attention: str = field(default="ulysses", metadata=_help(
         "Exact SP prefill attention: ulysses (all-to-all, heads split by KV group), "
         "allgather_kv (partial Q, all-gathered KV) or ring (pass-KV)."))
+    sp_decode: str = field(default="qmove", metadata=_help(
+        "Decode over KV spread across SP ranks: qmove (the query goes to the KV) or kvmove "
+        "(the KV is gathered to the leader every step; for comparison)."))
 
     def __post_init__(self) -> None:
         if self.sequence_parallel_size < 1 or self.tensor_parallel_size < 1:
@@ -108,6 +115,9 @@ class ParallelConfig:
         if self.sp_attention not in SP_ATTENTION_ALGORITHMS:
             raise ValueError(f"sp_attention must be one of {SP_ATTENTION_ALGORITHMS}, "
                              f"got {self.sp_attention!r}")
+        if self.sp_decode not in SP_DECODE_MODES:
+            raise ValueError(f"sp_decode must be one of {SP_DECODE_MODES}, "
+                             f"got {self.sp_decode!r}")
 
     @property
     def world_size(self) -> int:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from csps.attention import AttentionMetadata, get_attention_backend
 from csps.attention.merge import merge_attn_states
+from csps.attention.partial import partial_attention
 from csps.attention.reference import attention_with_lse
 from csps.kvcache.capacity import kv_bytes_per_token, plan_num_blocks
 from csps.kvcache.paged_cache import (
@@ -175,3 +176,20 @@ def test_kv_cache_sizing():
     assert caches[1].v_cache.dtype == torch.bfloat16 and caches[0].block_size == 16
     with pytest.raises(ValueError):
         KVCache(torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 4))
+
+
+@pytest.mark.parametrize("lq,lk,causal,dtype,tol", [
+    (37, 37, True, torch.float32, 1e-5), (5, 41, False, torch.float32, 1e-5),
+    (1, 300, False, torch.float32, 1e-5), (16, 16, True, torch.bfloat16, 2e-2),
+    (3, 9, True, torch.float32, 1e-5),  # a causal shape the kernel cannot take: the fallback
+])
+def test_partial_attention_matches_the_plain_math_twin(lq, lk, causal, dtype, tol):
+    gen = torch.Generator().manual_seed(lq + lk)
+    q = torch.randn(lq, 6, 16, generator=gen).to(dtype)
+    k, v = (torch.randn(lk, 2, 16, generator=gen).to(dtype) for _ in range(2))
+    out, lse = partial_attention(q, k, v, scale=0.3, causal=causal)
+    want_out, want_lse = attention_with_lse(q, k, v, scale=0.3,
+                                            causal_offset=0 if causal else None)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), want_out.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, want_lse, atol=tol, rtol=tol)

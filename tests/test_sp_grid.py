@@ -6,7 +6,7 @@ merged as the executor merges them. Checked against one single-process Worker:
 - first-token logits of an SP prefill within 1e-4 (fp32; sums in another order), for
   P x T in {2, 3, 4} x {1, 2} and every SP algorithm;
 - 64 greedy decode steps identical, with decode KV spread over ranks in 4-token blocks (the
-  new token's K/V is often stored on a rank other than the leader), q-move attention.
+  new token's K/V is often stored on a rank other than the leader), with q-move and kv-move.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def _prompts(vocab_size: int) -> list[list[int]]:
     return [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENS]
 
 
-def _worker(model_dir, groups=None, sp_attention="ulysses") -> Worker:
+def _worker(model_dir, groups=None, sp_attention="ulysses", sp_decode="qmove") -> Worker:
     return Worker(model_dir, read_arch_config(model_dir), "float32", "cpu", NUM_BLOCKS, BLOCK,
-                  seed=0, groups=groups, sp_attention=sp_attention)
+                  seed=0, groups=groups, sp_attention=sp_attention, sp_decode=sp_decode)
 
 
 def _prefill_logits(worker: Worker, tokens: list[int], sp_rank: int, sp_size: int):
@@ -85,9 +85,11 @@ def _grid_rank(rank: int, world_size: int, model_dir, sp_size: int, tp_size: int
         result["logits"][algorithm] = _prefill_logits(worker, prompts[0], groups.sp_rank,
                                                       sp_size)
     config = SchedulerConfig(policy="sps2", long_prompt_threshold=32, max_num_batched_tokens=32)
-    scheduler = Scheduler(config, DistributedKVCacheManager(sp_size, NUM_BLOCKS, BLOCK), 256)
-    result["tokens"] = _serve(worker, scheduler, prompts, groups.cpu_group)
-    result["bytes"] = dict(worker.comm_stats.bytes_sent)
+    for sp_decode in ("qmove", "kvmove"):
+        worker = _worker(model_dir, groups, sp_decode=sp_decode)
+        scheduler = Scheduler(config, DistributedKVCacheManager(sp_size, NUM_BLOCKS, BLOCK), 256)
+        result[sp_decode] = _serve(worker, scheduler, prompts, groups.cpu_group)
+        result[sp_decode + "_bytes"] = dict(worker.comm_stats.bytes_sent)
     result["spread"] = [len(scheduler.kv_cache_manager.pools[r].used_block_ids())
                         for r in range(sp_size)]
     return result
@@ -115,7 +117,11 @@ def test_sp_tp_workers_match_one_worker(tiny_model_dir, reference, sp_size, tp_s
             torch.testing.assert_close(got, logits, atol=LOGIT_TOL, rtol=LOGIT_TOL,
                                        msg=lambda m, a=algorithm: f"{a}: {m}")
     for result in results:
-        assert result["tokens"] == tokens
-        assert len(result["tokens"][0]) == MAX_TOKENS
-        assert result["bytes"]["decode_attn"] > 0 and result["bytes"]["prefill_attn"] > 0
-        assert (result["bytes"]["tp"] > 0) == (tp_size > 1)
+        assert result["qmove"] == tokens and result["kvmove"] == tokens
+        assert len(tokens[0]) == MAX_TOKENS
+        sent = result["qmove_bytes"]
+        assert sent["decode_attn"] > 0 and sent["prefill_attn"] > 0
+        assert (sent["tp"] > 0) == (tp_size > 1)
+    # moving the KV (up to ~140 tokens of context here) costs more than moving the query
+    assert (sum(r["kvmove_bytes"]["decode_attn"] for r in results)
+            > sum(r["qmove_bytes"]["decode_attn"] for r in results))

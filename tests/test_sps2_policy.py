@@ -16,9 +16,10 @@ BLOCK = 4
 
 
 def make_scheduler(sp_size=2, num_blocks=64, threshold=20, budget=8, max_num_seqs=16,
-                   max_len=512):
+                   max_len=512, hybrid=False):
     config = SchedulerConfig(policy="sps2", max_num_batched_tokens=budget,
-                             max_num_seqs=max_num_seqs, long_prompt_threshold=threshold)
+                             max_num_seqs=max_num_seqs, long_prompt_threshold=threshold,
+                             hybrid_batching=hybrid)
     return Scheduler(config, DistributedKVCacheManager(sp_size, num_blocks, BLOCK),
                      max_model_len=max_len)
 
@@ -90,6 +91,17 @@ def test_prefill_and_decode_iterations_alternate_and_never_mix():
             assert out.kinds == {"decode"}, "a decode waited two prefill iterations"
         history.append(out.kinds)
     assert {"sp"} in history and {"prefill"} in history and {"decode"} in history
+
+
+def test_hybrid_batching_lets_chunks_ride_with_decodes():
+    sched = make_scheduler(sp_size=2, threshold=10**6, hybrid=True)
+    sched.add_request(make_request("a", 6, max_tokens=8))
+    step(sched)  # a's whole prompt; its first token
+    sched.add_request(make_request("b", 30))
+    out = step(sched)
+    assert out.kinds == {"decode", "prefill"}
+    assert [(r.request_id, r.num_scheduled_tokens) for r in out.scheduled_requests] == [
+        ("a", 1), ("b", 7)]
 
 
 def test_decode_kv_is_appended_on_the_least_loaded_rank_of_the_group():

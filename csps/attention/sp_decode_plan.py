@@ -32,6 +32,8 @@ class SpDecodePlan:
     send_index: list[list[int]]  # per SP rank j: which of my led decodes j holds, in order
     held: list[HeldDecode]  # what arrives here, grouped by leader in rank order
     recv_counts: list[int]  # per SP rank j: how many of the held decodes j leads
+    # kv-move only: per SP rank j, the tokens j holds of each led decode in send_index[j]
+    held_tokens: list[list[int]]
 
     @classmethod
     def build(cls, requests: Sequence[ScheduledRequest], sp_rank: int, sp_size: int,
@@ -44,13 +46,16 @@ class SpDecodePlan:
                                  f"one token per step, got {r.num_scheduled_tokens}")
         led = [r for r in decodes if r.leader == sp_rank]
         send_index = [[i for i, r in enumerate(led) if _holds(r, j)] for j in range(sp_size)]
+        held_tokens = [[sum(x.num_tokens for x in led[i].kv_ranges if x.rank == j)
+                        for i in index] for j, index in enumerate(send_index)]
         held, recv_counts = [], []
         for j in range(sp_size):
             mine = [r for r in decodes if r.leader == j and _holds(r, sp_rank)]
             recv_counts.append(len(mine))
             held.extend(HeldDecode(j, _local_slots(r, sp_rank, block_size, device),
                                    _store_slot(r, sp_rank, block_size)) for r in mine)
-        return cls(num_led=len(led), send_index=send_index, held=held, recv_counts=recv_counts)
+        return cls(num_led=len(led), send_index=send_index, held=held, recv_counts=recv_counts,
+                   held_tokens=held_tokens)
 
 
 def _holds(request: ScheduledRequest, rank: int) -> bool:

@@ -40,7 +40,7 @@ class Worker:
 
     def __init__(self, model_dir: Path, arch, dtype: str, device: str, num_blocks: int,
                  block_size: int, seed: int, groups: ParallelGroups | None = None,
-                 sp_attention: str = "ulysses") -> None:
+                 sp_attention: str = "ulysses", sp_decode: str = "qmove") -> None:
         torch.manual_seed(seed)
         self.groups = groups
         self.device = torch.device(device)
@@ -49,7 +49,8 @@ class Worker:
         if groups is not None:
             from csps.parallel.worker_context import make_parallel_context
 
-            backend, tp = make_parallel_context(groups, sp_attention, self.comm_stats)
+            backend, tp = make_parallel_context(groups, sp_attention, self.comm_stats,
+                                                sp_decode)
         self.model = load_model(model_dir, dtype=TORCH_DTYPES[dtype], device=self.device,
                                 attn_backend=backend, tp=tp)
         kv_caches = allocate_kv_caches(

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from csps.attention.merge import merge_attn_states
-from csps.attention.reference import attention_with_lse
+from csps.attention.partial import partial_attention
 from csps.parallel.comm import Communicator
 from csps.parallel.sp_layout import check_local_qkv
 
@@ -43,8 +43,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if src <= rank and chunk_lens[src] and chunk_lens[rank]:
             keys, values = block.split([num_kv_heads, num_kv_heads], dim=1)
             # The own block (src == rank) shares positions with q: the causal triangle.
-            part_out, part_lse = attention_with_lse(q, keys, values, scale=scale,
-                                                    causal_offset=0 if src == rank else None)
+            part_out, part_lse = partial_attention(q, keys, values, scale=scale,
+                                                   causal=src == rank)
             if out is None:
                 out, lse = part_out.float(), part_lse
             else:

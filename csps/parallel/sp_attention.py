@@ -18,7 +18,7 @@ from csps.attention.backend import AttentionBackend
 from csps.attention.reference import ReferenceAttentionBackend
 from csps.parallel.allgather_kv import allgather_kv_attention
 from csps.parallel.ring import ring_attention
-from csps.parallel.sp_decode import qmove_decode_attention
+from csps.parallel.sp_decode import kvmove_decode_attention, qmove_decode_attention
 from csps.parallel.ulysses import ulysses_attention
 
 if TYPE_CHECKING:
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 # Each (q, k, v, chunk_lens, comm, scale=None) -> out; collective over comm's group.
 SP_ALGORITHMS = {"ulysses": ulysses_attention, "allgather_kv": allgather_kv_attention,
                  "ring": ring_attention}
+# Each (q, k, v, kv_cache, plan, comm, scale) -> out; collective over comm's group.
+SP_DECODE_MODES = {"qmove": qmove_decode_attention, "kvmove": kvmove_decode_attention}
 
 
 class SequenceParallelAttention(AttentionBackend):
@@ -41,9 +43,13 @@ class SequenceParallelAttention(AttentionBackend):
     name = "sequence_parallel"
 
     def __init__(self, comm: Communicator, algorithm: str = "ulysses",
-                 decode_comm: Communicator | None = None) -> None:
+                 decode_comm: Communicator | None = None, decode_mode: str = "qmove") -> None:
         if algorithm not in SP_ALGORITHMS:
             raise ValueError(f"unknown SP algorithm {algorithm!r}; known: {list(SP_ALGORITHMS)}")
+        if decode_mode not in SP_DECODE_MODES:
+            raise ValueError(f"unknown SP decode mode {decode_mode!r}; "
+                             f"known: {list(SP_DECODE_MODES)}")
+        self._decode_spread = SP_DECODE_MODES[decode_mode]
         self.comm = comm  # the SP group, ranks in chunk (= sequence) order
         self.decode_comm = decode_comm or comm  # the same group, counting decode bytes
         self.algorithm = algorithm
@@ -75,14 +81,15 @@ class SequenceParallelAttention(AttentionBackend):
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata, scale: float | None) -> torch.Tensor:
         """Rows [0, metadata.num_tokens): local requests (reference backend); the rest: this
-        rank's led spread decodes (q-move). Collective: every SP rank calls it each layer."""
+        rank's led spread decodes (q-move or kv-move). Collective: every SP rank calls it
+        each layer."""
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         n = metadata.num_tokens
         if q.shape[0] != n + metadata.sp_decode.num_led:
             raise ValueError(f"{q.shape[0]} rows, expected {n} local + "
                              f"{metadata.sp_decode.num_led} spread decodes")
-        spread = qmove_decode_attention(q[n:], k[n:], v[n:], kv_cache, metadata.sp_decode,
-                                        self.decode_comm, scale)
+        spread = self._decode_spread(q[n:], k[n:], v[n:], kv_cache, metadata.sp_decode,
+                                     self.decode_comm, scale)
         if n == 0:
             return spread
         local = self._fallback.forward(q[:n], k[:n], v[:n], kv_cache, metadata, scale=scale)

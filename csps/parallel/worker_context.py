@@ -10,12 +10,13 @@ from csps.parallel.sp_tp import TensorParallelContext
 
 
 def make_parallel_context(groups: ParallelGroups, sp_attention: str, stats: CommStats,
+                          sp_decode: str = "qmove",
                           ) -> tuple[SequenceParallelAttention, TensorParallelContext | None]:
     """(attention backend on the SP group, TP context or None when tp_size is 1). Prefill
     attention, decode attention and TP traffic are counted in their own phases of `stats`."""
     backend = SequenceParallelAttention(
         Communicator(groups.sp_group, stats, "prefill_attn"), sp_attention,
-        decode_comm=Communicator(groups.sp_group, stats, "decode_attn"))
+        decode_comm=Communicator(groups.sp_group, stats, "decode_attn"), decode_mode=sp_decode)
     tp = None
     if groups.tp_size > 1:
         tp = TensorParallelContext(groups.tp_rank, groups.tp_size,

@@ -75,26 +75,36 @@ class Sps2Policy:
     token of every decoding request; for a request whose KV spans ranks the query moves to
     the KV. While both kinds have work they
     alternate, so a decode waits at most one prefill iteration (one SP prefill or one budget of
-    chunks) and TBT stays flat while long prompts arrive.
+    chunks) and TBT stays flat while long prompts arrive. With `hybrid_batching` the chunks ride
+    in the decode iterations instead (Sarathi-Serve's rule), kept for comparison; an SP prefill
+    still runs alone.
     """
 
     name = "sps2"
     chunks_prefill = True
 
-    def __init__(self, long_prompt_threshold: int = 1024) -> None:
+    def __init__(self, long_prompt_threshold: int = 1024, hybrid_batching: bool = False) -> None:
         self.long_prompt_threshold = long_prompt_threshold
+        self.hybrid_batching = hybrid_batching
         self._last_was_prefill = False
 
     def schedule(self, scheduler: Scheduler, batch: BatchBuilder) -> None:
+        if self.hybrid_batching:  # Sarathi-style: decodes, then chunks in the same iteration
+            self._schedule_decodes(scheduler, batch)
+            self._schedule_prefills(scheduler, batch)
+            return
         has_decodes = any(not r.is_prefill for r in scheduler.running)
         if not (has_decodes and self._last_was_prefill):
             self._schedule_prefills(scheduler, batch)
         self._last_was_prefill = not batch.is_empty
         if batch.is_empty:
-            for request in list(scheduler.running):
-                if (request in scheduler.running and not request.is_prefill
-                        and not scheduler.schedule_decode(request, batch)):
-                    break
+            self._schedule_decodes(scheduler, batch)
+
+    def _schedule_decodes(self, scheduler: Scheduler, batch: BatchBuilder) -> None:
+        for request in list(scheduler.running):
+            if (request in scheduler.running and not request.is_prefill
+                    and not scheduler.schedule_decode(request, batch)):
+                break
 
     def _schedule_prefills(self, scheduler: Scheduler, batch: BatchBuilder) -> None:
         for request in scheduler.running:
@@ -120,5 +130,5 @@ def make_policy(config: SchedulerConfig) -> SchedulingPolicy:
         raise ValueError(f"unknown scheduler policy {config.policy!r}; choose from "
                          f"{sorted(POLICIES)}")
     if config.policy == "sps2":
-        return Sps2Policy(config.long_prompt_threshold)
+        return Sps2Policy(config.long_prompt_threshold, config.hybrid_batching)
     return POLICIES[config.policy]()
