@@ -19,6 +19,8 @@ import typing
 from csps.config import (
     DTYPES,
     SCHEDULER_POLICIES,
+    SP_ATTENTION_ALGORITHMS,
+    SP_DECODE_MODES,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -38,7 +40,8 @@ FLAG_NAMES = {
     "tensor_parallel_size": ("--tensor-parallel-size", "-tp"),
     "sequence_parallel_size": ("--sequence-parallel-size", "-sp"),
 }
-CHOICES = {"policy": SCHEDULER_POLICIES, "dtype": DTYPES, "device": ("auto", "cpu", "cuda")}
+CHOICES = {"policy": SCHEDULER_POLICIES, "dtype": DTYPES, "device": ("auto", "cpu", "cuda"),
+           "sp_attention": SP_ATTENTION_ALGORITHMS, "sp_decode": SP_DECODE_MODES}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
