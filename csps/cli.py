@@ -17,6 +17,7 @@ import types
 import typing
 
 from csps.config import (
+    CSA_FAR_QUERIES,
     DTYPES,
     SCHEDULER_POLICIES,
     SP_ATTENTION_ALGORITHMS,
@@ -41,7 +42,8 @@ FLAG_NAMES = {
     "sequence_parallel_size": ("--sequence-parallel-size", "-sp"),
 }
 CHOICES = {"policy": SCHEDULER_POLICIES, "dtype": DTYPES, "device": ("auto", "cpu", "cuda"),
-           "sp_attention": SP_ATTENTION_ALGORITHMS, "sp_decode": SP_DECODE_MODES}
+           "sp_attention": SP_ATTENTION_ALGORITHMS, "sp_decode": SP_DECODE_MODES,
+           "csa_far_queries": CSA_FAR_QUERIES}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 

@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 SCHEDULER_POLICIES = ("auto", "sarathi", "vllm", "sps2")
-SP_ATTENTION_ALGORITHMS = ("ulysses", "allgather_kv", "ring")
+SP_ATTENTION_ALGORITHMS = ("ulysses", "allgather_kv", "ring", "csa")
+CSA_FAR_QUERIES = ("all", "sampled")
 SP_DECODE_MODES = ("qmove", "kvmove")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -104,7 +105,14 @@ class ParallelConfig:
     tensor_parallel_size: int = field(default=1, metadata=_help("Tensor-parallel workers."))
     sp_attention: str = field(default="ulysses", metadata=_help(
         "Exact SP prefill attention: ulysses (all-to-all, heads split by KV group), "
-        "allgather_kv (partial Q, all-gathered KV) or ring (pass-KV)."))
+        "allgather_kv (partial Q, all-gathered KV) or ring (pass-KV); csa: sparse "
+        "(Communication-efficient Sparse Attention, levels from --csa-levels)."))
+    csa_levels: str = field(default="1:1,2:4", metadata=_help(
+        "CSA levels as group_size:stride pairs, e.g. 1:1,2:4,4:8 (level 0 dense on the "
+        "worker's own chunk; the top group must be the SP size)."))
+    csa_far_queries: str = field(default="all", metadata=_help(
+        "CSA at far levels: all (every local query against the sampled K/V) or sampled "
+        "(only sampled queries travel to the keys, as in the authors' prototype)."))
     sp_decode: str = field(default="qmove", metadata=_help(
         "Decode over KV spread across SP ranks: qmove (the query goes to the KV) or kvmove "
         "(the KV is gathered to the leader every step; for comparison)."))
@@ -115,6 +123,11 @@ class ParallelConfig:
         if self.sp_attention not in SP_ATTENTION_ALGORITHMS:
             raise ValueError(f"sp_attention must be one of {SP_ATTENTION_ALGORITHMS}, "
                              f"got {self.sp_attention!r}")
+        if self.sp_attention == "csa":
+            from csps.parallel.csa_config import CsaConfig  # pure Python
+
+            CsaConfig.parse(self.csa_levels, self.csa_far_queries).check_sp_size(
+                self.sequence_parallel_size)
         if self.sp_decode not in SP_DECODE_MODES:
             raise ValueError(f"sp_decode must be one of {SP_DECODE_MODES}, "
                              f"got {self.sp_decode!r}")

@@ -2,7 +2,8 @@
 
 A ~2k-token prompt prefilled over P = 2 and 3 ranks (uneven head split: Ulysses by KV group)
 and a short one prefilled locally, then 64 greedy decode steps each, the long one's KV spread
-over the group (q-move decode): tokens identical to the single-worker engine. Also checks that
+over the group (q-move decode): tokens identical to the single-worker engine. Each rank's KV pool
+is smaller than the long request (1280 tokens per rank): the group holds it. Also checks that
 the traffic is counted per phase, and that no KV block stays allocated afterwards.
 """
 
@@ -17,6 +18,8 @@ from csps import LLM, SamplingParams
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 65  # the prefill's token, then 64 decode steps
+BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 4  # K and V, 30 layers, 3 KV heads, head_dim 64, fp32
+POOL_BLOCKS = 80  # per SP rank: 1280 tokens, less than the long prompt
 WORDS = ("river", "stone", "market", "winter", "lantern", "harbor", "orchard", "violin",
          "copper", "meadow", "engine", "garden", "paper", "island", "thunder", "silver")
 
@@ -46,9 +49,12 @@ def test_sp_prefill_and_qmove_decode_match_one_worker(real_model_dir, prompts, r
                                                       sp_size):
     prompt_ids, want = reference
     assert 1800 < len(prompt_ids[0]) < 2600 and len(prompt_ids[1]) < 16
-    llm = LLM(str(real_model_dir), sequence_parallel_size=sp_size, max_model_len=4096,
-              kv_cache_memory_bytes=1 << 28, long_prompt_threshold=1024)
+    llm = LLM(str(real_model_dir), sequence_parallel_size=sp_size, max_model_len=2400,
+              kv_cache_memory_bytes=POOL_BLOCKS * 16 * BYTES_PER_TOKEN,
+              long_prompt_threshold=1024)
     engine = llm.llm_engine
+    assert engine.get_stats()["num_total_blocks"] == POOL_BLOCKS * sp_size
+    assert len(prompt_ids[0]) > POOL_BLOCKS * 16
     try:
         params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
         for i, prompt in enumerate(prompts):

@@ -104,6 +104,16 @@ def test_hybrid_batching_lets_chunks_ride_with_decodes():
         ("a", 1), ("b", 7)]
 
 
+def test_hybrid_batching_still_runs_an_sp_prefill_alone_before_decodes():
+    sched = make_scheduler(sp_size=2, threshold=20, hybrid=True)
+    sched.add_request(make_request("a", 6, max_tokens=8))
+    step(sched)
+    sched.add_request(make_request("long", 40))
+    out = step(sched)
+    assert out.kinds == {"sp"} and out.decodes_due  # "a" waits one iteration, not forever
+    assert step(sched).kinds == {"decode"}
+
+
 def test_decode_kv_is_appended_on_the_least_loaded_rank_of_the_group():
     sched = make_scheduler(sp_size=2)
     sched.add_request(make_request("big", 26, max_tokens=20))

@@ -12,6 +12,7 @@ from csps.engine.sampler import Sampler
 from csps.kvcache.paged_cache import allocate_kv_caches
 from csps.model.loader import load_model
 from csps.parallel.comm import CommStats
+from csps.parallel.csa_config import CsaConfig
 from csps.scheduler.output import RunnerOutput, SchedulerOutput
 
 if TYPE_CHECKING:
@@ -40,7 +41,8 @@ class Worker:
 
     def __init__(self, model_dir: Path, arch, dtype: str, device: str, num_blocks: int,
                  block_size: int, seed: int, groups: ParallelGroups | None = None,
-                 sp_attention: str = "ulysses", sp_decode: str = "qmove") -> None:
+                 sp_attention: str = "ulysses", sp_decode: str = "qmove",
+                 csa_levels: str = "1:1,2:4", csa_far_queries: str = "all") -> None:
         torch.manual_seed(seed)
         self.groups = groups
         self.device = torch.device(device)
@@ -49,8 +51,10 @@ class Worker:
         if groups is not None:
             from csps.parallel.worker_context import make_parallel_context
 
+            csa = (CsaConfig.parse(csa_levels, csa_far_queries) if sp_attention == "csa"
+                   else None)
             backend, tp = make_parallel_context(groups, sp_attention, self.comm_stats,
-                                                sp_decode)
+                                                sp_decode, csa)
         self.model = load_model(model_dir, dtype=TORCH_DTYPES[dtype], device=self.device,
                                 attn_backend=backend, tp=tp)
         kv_caches = allocate_kv_caches(

@@ -15,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from csps.attention.merge import merge_attn_states
+from csps.attention.partial import partial_attention
 from csps.parallel.comm import Communicator
 from csps.parallel.sp_layout import check_local_qkv, chunk_starts
 
@@ -45,11 +46,12 @@ def allgather_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _offset_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int,
                              scale: float | None) -> torch.Tensor:
     """q [n, Hq, D] at positions offset..offset+n-1; k/v [offset + n, Hkv, D] -> [n, Hq, D]."""
-    # NOTE: SDPA's is_causal aligns the triangle top-left when Lq != Lk, so the shifted
-    # triangle is an explicit bool mask: [n, offset + n] bytes, and SDPA computes the masked
-    # half of the diagonal block too (a kernel with bottom-right causal alignment would not).
-    mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool, device=q.device)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                         v.transpose(0, 1)[None], attn_mask=mask.tril(offset),
-                                         scale=scale, enable_gqa=True)
-    return out[0].transpose(0, 1).contiguous()  # [n, Hq, D]
+    # NOTE: one SDPA call with a shifted-triangle mask would compute every masked tile (CPU
+    # SDPA aligns is_causal top-left); instead: the earlier keys unmasked, the own block
+    # causal, merged by log-sum-exp.
+    own_out, own_lse = partial_attention(q, k[offset:], v[offset:], scale=scale, causal=True)
+    if offset == 0:
+        return own_out
+    early_out, early_lse = partial_attention(q, k[:offset], v[:offset], scale=scale)
+    out, _ = merge_attn_states([early_out, own_out], [early_lse, own_lse])
+    return out

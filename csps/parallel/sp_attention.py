@@ -10,6 +10,7 @@ backend, and batches with an SpDecodePlan send their spread decodes' queries to 
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,6 +18,8 @@ import torch
 from csps.attention.backend import AttentionBackend
 from csps.attention.reference import ReferenceAttentionBackend
 from csps.parallel.allgather_kv import allgather_kv_attention
+from csps.parallel.csa import csa_attention
+from csps.parallel.csa_config import CsaConfig
 from csps.parallel.ring import ring_attention
 from csps.parallel.sp_decode import kvmove_decode_attention, qmove_decode_attention
 from csps.parallel.ulysses import ulysses_attention
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
 
 # Each (q, k, v, chunk_lens, comm, scale=None) -> out; collective over comm's group.
 SP_ALGORITHMS = {"ulysses": ulysses_attention, "allgather_kv": allgather_kv_attention,
-                 "ring": ring_attention}
+                 "ring": ring_attention, "csa": csa_attention}
 # Each (q, k, v, kv_cache, plan, comm, scale) -> out; collective over comm's group.
 SP_DECODE_MODES = {"qmove": qmove_decode_attention, "kvmove": kvmove_decode_attention}
 
@@ -43,7 +46,8 @@ class SequenceParallelAttention(AttentionBackend):
     name = "sequence_parallel"
 
     def __init__(self, comm: Communicator, algorithm: str = "ulysses",
-                 decode_comm: Communicator | None = None, decode_mode: str = "qmove") -> None:
+                 decode_comm: Communicator | None = None, decode_mode: str = "qmove",
+                 csa_config: CsaConfig | None = None) -> None:
         if algorithm not in SP_ALGORITHMS:
             raise ValueError(f"unknown SP algorithm {algorithm!r}; known: {list(SP_ALGORITHMS)}")
         if decode_mode not in SP_DECODE_MODES:
@@ -54,6 +58,11 @@ class SequenceParallelAttention(AttentionBackend):
         self.decode_comm = decode_comm or comm  # the same group, counting decode bytes
         self.algorithm = algorithm
         self._attend = SP_ALGORITHMS[algorithm]
+        if algorithm == "csa":  # sparse: needs its levels
+            if csa_config is None:
+                raise ValueError("SP attention 'csa' needs a CsaConfig")
+            csa_config.check_sp_size(comm.size)
+            self._attend = functools.partial(csa_attention, config=csa_config)
         self._fallback = ReferenceAttentionBackend()  # batches without SP layout
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -4,19 +4,21 @@ its SP group and the tensor-parallel context for its TP group, sharing one CommS
 from __future__ import annotations
 
 from csps.parallel.comm import CommStats, Communicator
+from csps.parallel.csa_config import CsaConfig
 from csps.parallel.groups import ParallelGroups
 from csps.parallel.sp_attention import SequenceParallelAttention
 from csps.parallel.sp_tp import TensorParallelContext
 
 
 def make_parallel_context(groups: ParallelGroups, sp_attention: str, stats: CommStats,
-                          sp_decode: str = "qmove",
+                          sp_decode: str = "qmove", csa_config: CsaConfig | None = None,
                           ) -> tuple[SequenceParallelAttention, TensorParallelContext | None]:
     """(attention backend on the SP group, TP context or None when tp_size is 1). Prefill
     attention, decode attention and TP traffic are counted in their own phases of `stats`."""
     backend = SequenceParallelAttention(
         Communicator(groups.sp_group, stats, "prefill_attn"), sp_attention,
-        decode_comm=Communicator(groups.sp_group, stats, "decode_attn"), decode_mode=sp_decode)
+        decode_comm=Communicator(groups.sp_group, stats, "decode_attn"), decode_mode=sp_decode,
+        csa_config=csa_config)
     tp = None
     if groups.tp_size > 1:
         tp = TensorParallelContext(groups.tp_rank, groups.tp_size,

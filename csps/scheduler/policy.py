@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from csps.config import SchedulerConfig
+    from csps.request import Request
     from csps.scheduler.batch import BatchBuilder
     from csps.scheduler.scheduler import Scheduler
 
@@ -90,8 +91,12 @@ class Sps2Policy:
 
     def schedule(self, scheduler: Scheduler, batch: BatchBuilder) -> None:
         if self.hybrid_batching:  # Sarathi-style: decodes, then chunks in the same iteration
-            self._schedule_decodes(scheduler, batch)
-            self._schedule_prefills(scheduler, batch)
+            if scheduler.waiting and self._goes_sp(scheduler, scheduler.waiting[0]) and not any(
+                    r.is_prefill for r in scheduler.running):
+                self._schedule_prefills(scheduler, batch)  # an SP prefill runs alone
+            if batch.is_empty:
+                self._schedule_decodes(scheduler, batch)
+                self._schedule_prefills(scheduler, batch)
             return
         has_decodes = any(not r.is_prefill for r in scheduler.running)
         if not (has_decodes and self._last_was_prefill):
@@ -112,14 +117,18 @@ class Sps2Policy:
                 scheduler.schedule_prefill(request, batch, chunked=True)
         while scheduler.waiting and batch.token_budget > 0 and scheduler.can_run_more:
             head = scheduler.waiting[0]
-            # NOTE: a prompt one rank cannot hold goes SP whatever the threshold
-            threshold = min(self.long_prompt_threshold, scheduler.rank_capacity_tokens + 1)
-            if scheduler.sp_size > 1 and head.num_tokens >= max(threshold, scheduler.sp_size):
+            if self._goes_sp(scheduler, head):
                 if batch.is_empty:
                     scheduler.admit_sequence_parallel(head, batch)
                 break
             if not scheduler.admit_local(head, batch):
                 break
+
+    def _goes_sp(self, scheduler: Scheduler, request: Request) -> bool:
+        """Long enough for an SP prefill. NOTE: a prompt one rank cannot hold goes SP whatever
+        the threshold."""
+        threshold = min(self.long_prompt_threshold, scheduler.rank_capacity_tokens + 1)
+        return scheduler.sp_size > 1 and request.num_tokens >= max(threshold, scheduler.sp_size)
 
 
 POLICIES: dict[str, type] = {"sarathi": SarathiPolicy, "vllm": VllmPolicy, "sps2": Sps2Policy}
