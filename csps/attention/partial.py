@@ -25,6 +25,8 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     otherwise every query sees every key.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if q.shape[0] == 1 and k.shape[0] > 0:  # one decode query: no copies of K/V at all
+        return _single_query(q, k, v, scale)
     usable = (_FLASH_CPU is not None and q.device.type == "cpu" and k.shape[0] > 0
               and q.dtype in (torch.float32, torch.bfloat16) and k.dtype == q.dtype
               and (not causal or q.shape[0] == k.shape[0]))
@@ -36,3 +38,18 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out, lse = _FLASH_CPU(q.transpose(0, 1)[None], keys.transpose(0, 1)[None],
                           values.transpose(0, 1)[None], 0.0, causal, scale=scale)[:2]
     return out[0].transpose(0, 1), lse[0].transpose(0, 1).float()  # [Lq, Hq, D], [Lq, Hq]
+
+
+def _single_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [1, Hq, D] over k/v [L, Hkv, D]: GQA as a batched matmul per KV head (no
+    repeat_interleave of the keys, which costs more than the attention at long contexts)."""
+    num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    group = num_heads // num_kv_heads
+    qg = q.view(num_kv_heads, group, head_dim).float()  # [Hkv, g, D]
+    scores = torch.matmul(qg, k.permute(1, 2, 0).float()) * scale  # [Hkv, g, L]
+    lse = torch.logsumexp(scores, dim=-1)  # [Hkv, g]
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    out = torch.matmul(probs, v.transpose(0, 1).float())  # [Hkv, g, D]
+    return (out.reshape(1, num_heads, head_dim).to(q.dtype),
+            lse.reshape(1, num_heads))
