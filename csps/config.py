@@ -113,6 +113,9 @@ class ParallelConfig:
     csa_far_queries: str = field(default="all", metadata=_help(
         "CSA at far levels: all (every local query against the sampled K/V) or sampled "
         "(only sampled queries travel to the keys, as in the authors' prototype)."))
+    csa_micro_batch: str = field(default="", metadata=_help(
+        "CSA three-phase pipelining: HEADSxTOKENS micro-batches (KV heads x travelling rows per "
+        "head and sender), e.g. 1x512; empty: no pipelining."))
     sp_decode: str = field(default="qmove", metadata=_help(
         "Decode over KV spread across SP ranks: qmove (the query goes to the KV) or kvmove "
         "(the KV is gathered to the leader every step; for comparison)."))
@@ -126,7 +129,8 @@ class ParallelConfig:
         if self.sp_attention == "csa":
             from csps.parallel.csa_config import CsaConfig  # pure Python
 
-            CsaConfig.parse(self.csa_levels, self.csa_far_queries).check_sp_size(
+            CsaConfig.parse(self.csa_levels, self.csa_far_queries,
+                            self.csa_micro_batch).check_sp_size(
                 self.sequence_parallel_size)
         if self.sp_decode not in SP_DECODE_MODES:
             raise ValueError(f"sp_decode must be one of {SP_DECODE_MODES}, "

@@ -5,7 +5,8 @@ dense causal attention; with real strides it must equal a single-process masked 
 whose mask is built here independently: query i sees key j <= i of its own chunk, and a key of
 an earlier chunk at the level l where the two ranks first share a group (the smallest l with
 ri // g_l == rj // g_l) when j % s_l == h % s_l for the query's KV head h (and, for
-far_queries "sampled", also i % s_l == h % s_l).
+far_queries "sampled", also i % s_l == h % s_l). The micro-batch pipeline (csa_pipeline.py)
+must equal the unpipelined result (1e-5 fp32) with the same bytes, overlapped or sequential.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from gloo_harness import run_distributed
 from csps.parallel.comm import CommStats, Communicator
 from csps.parallel.csa import csa_attention
 from csps.parallel.csa_config import CsaConfig
+from csps.parallel.csa_pipeline import far_geometry, far_levels
 
 HEAD_DIM = 16
 HEADS = [(4, 2), (9, 3)]  # (Hq, Hkv)
@@ -31,6 +33,16 @@ BF16_CASE = {2: ((37, 5), 9, 3, "1:1,2:3"), 4: ((37, 5, 20, 11), 9, 3, "1:1,2:4,
 # Bytes: even chunks of 8 tokens, 9/3 heads, fp32, so every head keeps exactly n / s rows.
 BYTE_LEVELS = {2: ("1:1,2:1", "1:1,2:4"), 4: ("1:1,2:1,4:1", "1:1,2:4,4:4")}
 BYTE_CHUNK = 8
+# Pipeline micro-batches "HEADSxTOKENS" (KV heads x travelling rows): uneven with Hkv 3.
+MICRO = ("1x0", "0x4", "2x5", "1x1", "4x2")
+
+
+def _pipe_cases(world_size: int) -> list[tuple]:
+    """(base case, micro_batch): fp32 9/3 heads, every level set, both modes, and bf16."""
+    cases = [(case, micro) for case in _cases(world_size) for micro in MICRO
+             if case[1] == 9 and case[0] in CHUNKS[world_size][:2] and case[5] == torch.float32
+             and case[3] in DENSE[world_size][:1] + SPARSE[world_size]]
+    return cases + [(case, "2x3") for case in _cases(world_size) if case[5] == torch.bfloat16]
 
 
 def _cases(world_size: int) -> list[tuple]:
@@ -64,17 +76,30 @@ def _csa_worker(rank: int, world_size: int) -> dict:
         rows = _rows(chunk_lens, rank)
         config = CsaConfig.parse(levels, far_queries=mode)
         outputs[case] = csa_attention(q[rows], k[rows], v[rows], chunk_lens, comm, config=config)
+    for case, micro in _pipe_cases(world_size):
+        chunk_lens, num_heads, num_kv_heads, levels, mode, dtype = case
+        q, k, v = _inputs(chunk_lens, num_heads, num_kv_heads, dtype)
+        rows = _rows(chunk_lens, rank)
+        config = CsaConfig.parse(levels, far_queries=mode, micro_batch=micro)
+        outputs[("pipe", case, micro)] = csa_attention(q[rows], k[rows], v[rows], chunk_lens,
+                                                       comm, config=config)
+        if micro == "2x5" and chunk_lens == CHUNKS[world_size][0]:  # phases one after another
+            geometry, times = far_geometry(config, chunk_lens), {}
+            outputs[("seq", case)] = [far_levels(q[rows], k[rows], v[rows], geometry, comm, None,
+                                                 config, overlap=overlap, timings=times)
+                                      for overlap in (True, False)] + [sorted(times)]
     lens = (BYTE_CHUNK,) * world_size
     q, k, v = _inputs(lens, 9, 3)
     rows = _rows(lens, rank)
     for levels in BYTE_LEVELS[world_size]:
         for mode in MODES:
-            stats = CommStats()
-            csa_attention(q[rows], k[rows], v[rows], lens,
-                          Communicator(groups.sp_group, stats, "prefill_attn"),
-                          config=CsaConfig.parse(levels, far_queries=mode))
-            outputs[("bytes", levels, mode)] = (stats.bytes_sent["prefill_attn"],
-                                                stats.num_calls["prefill_attn"])
+            for micro in ("", "2x1"):
+                stats = CommStats()
+                csa_attention(q[rows], k[rows], v[rows], lens,
+                              Communicator(groups.sp_group, stats, "prefill_attn"),
+                              config=CsaConfig.parse(levels, far_queries=mode, micro_batch=micro))
+                outputs[("bytes", levels, mode, micro)] = (stats.bytes_sent["prefill_attn"],
+                                                           stats.num_calls["prefill_attn"])
     try:  # the top group must be the SP group: raised before any collective
         csa_attention(q[rows], k[rows], v[rows], lens, comm, config=CsaConfig.parse("1:1"))
     except ValueError as err:
@@ -197,14 +222,44 @@ def test_bytes_shrink_with_the_stride(world_size):
     num_far_levels = len(CsaConfig.parse(dense_levels).levels) - 1
     for mode in MODES:
         for levels in (dense_levels, sparse_levels):
-            got = [outputs[("bytes", levels, mode)] for outputs in per_rank]
+            got = [outputs[("bytes", levels, mode, "")] for outputs in per_rank]
             assert [b for b, _ in got] == _expected_bytes(world_size, levels, mode), (levels,
                                                                                       mode)
             calls = num_far_levels * (1 if mode == "all" else 2)
             assert [c for _, c in got] == [calls] * world_size, (levels, mode)
-        dense = sum(outputs[("bytes", dense_levels, mode)][0] for outputs in per_rank)
-        sparse = sum(outputs[("bytes", sparse_levels, mode)][0] for outputs in per_rank)
+            piped = [outputs[("bytes", levels, mode, "2x1")] for outputs in per_rank]
+            assert [b for b, _ in piped] == [b for b, _ in got], (levels, mode)  # same bytes
+            # 2 head groups x one row per micro-batch: 1 / stride of the 8-token chunks
+            num_batches = sum(2 * BYTE_CHUNK // s for _, s in CsaConfig.parse(levels).levels[1:])
+            assert [c for _, c in piped] == [calls // num_far_levels * num_batches] * world_size
+        dense = sum(outputs[("bytes", dense_levels, mode, "")][0] for outputs in per_rank)
+        sparse = sum(outputs[("bytes", sparse_levels, mode, "")][0] for outputs in per_rank)
         assert dense == 4 * sparse, mode  # every far stride is 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_pipeline_equals_unpipelined(world_size):
+    per_rank = _outputs(world_size)
+    for case, micro in _pipe_cases(world_size):
+        tol = 1e-5 if case[5] == torch.float32 else 1e-2
+        for rank, outputs in enumerate(per_rank):
+            got, want = outputs[("pipe", case, micro)], outputs[case]
+            assert got.shape == want.shape and got.dtype == want.dtype, (case, micro, rank)
+            torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol,
+                                       msg=lambda m, c=case, mb=micro: f"{c} {mb}: {m}")
+    seq_cases = [key for key in per_rank[0] if key[0] == "seq"]
+    assert len(seq_cases) == len(MODES) * (1 + len(SPARSE[world_size]))
+    for key in seq_cases:
+        mode = key[1][4]
+        phases = ["compute_s", "send_s"] + (["merge_s", "return_s"] if mode == "sampled" else [])
+        for outputs in per_rank:
+            overlapped, sequential, times = outputs[key]
+            assert times == sorted(phases), key
+            assert (overlapped is None) == (sequential is None), key
+            if overlapped is not None:
+                for a, b in zip(overlapped, sequential, strict=True):
+                    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -218,6 +273,16 @@ def test_parse_levels():
     assert config.levels == ((1, 1), (2, 4), (4, 8))
     assert config.far_queries == "all" and config.text == "1:1,2:4,4:8"
     assert CsaConfig.parse("1:1", far_queries="sampled").far_queries == "sampled"
+    assert not config.pipelined and (config.micro_batch_heads, config.micro_batch_tokens) == (0, 0)
+    piped = CsaConfig.parse("1:1,2:4", micro_batch=" 4X100 ")
+    assert piped.pipelined and (piped.micro_batch_heads, piped.micro_batch_tokens) == (4, 100)
+    assert CsaConfig.parse("1:1,2:4", micro_batch="0x7").pipelined
+    assert not CsaConfig.parse("1:1,2:4", micro_batch="0x0").pipelined
+    for bad in ("4", "4x", "x4", "4x-1", "ax2", "1x2x3"):
+        with pytest.raises(ValueError, match="micro-batch"):
+            CsaConfig.parse("1:1,2:4", micro_batch=bad)
+    with pytest.raises(ValueError, match="micro-batch"):
+        CsaConfig(((1, 1),), micro_batch_heads=-1)
     assert CsaConfig(((1, 1), [2, 2])).levels == ((1, 1), (2, 2))
     config.check_sp_size(4)
     with pytest.raises(ValueError, match="top group size 4"):

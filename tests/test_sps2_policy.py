@@ -59,6 +59,20 @@ def test_a_long_prompt_prefills_whole_over_the_group_and_its_last_rank_leads():
     assert r.is_distributed and r.block_ids == []
 
 
+def test_sp_decodes_are_led_by_the_least_busy_rank():
+    sched = make_scheduler(sp_size=3)
+    for i in range(3):
+        sched.add_request(make_request(f"long{i}", 50, max_tokens=8))
+    leaders = []
+    for _ in range(5):  # prefill, decode, prefill, decode, prefill
+        out = step(sched)
+        if "sp" in out.kinds:
+            assert out.scheduled_requests[0].leader == 2  # the last rank samples the prefill
+    out = step(sched)
+    leaders = sorted(r.leader for r in out.scheduled_requests)
+    assert out.kinds == {"decode"} and leaders == [0, 1, 2]
+
+
 def test_a_short_prompt_runs_in_chunks_on_the_rank_with_most_free_blocks():
     sched = make_scheduler(sp_size=2)
     sched.add_request(make_request("long", 40))

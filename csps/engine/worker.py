@@ -42,7 +42,8 @@ class Worker:
     def __init__(self, model_dir: Path, arch, dtype: str, device: str, num_blocks: int,
                  block_size: int, seed: int, groups: ParallelGroups | None = None,
                  sp_attention: str = "ulysses", sp_decode: str = "qmove",
-                 csa_levels: str = "1:1,2:4", csa_far_queries: str = "all") -> None:
+                 csa_levels: str = "1:1,2:4", csa_far_queries: str = "all",
+                 csa_micro_batch: str = "") -> None:
         torch.manual_seed(seed)
         self.groups = groups
         self.device = torch.device(device)
@@ -51,8 +52,8 @@ class Worker:
         if groups is not None:
             from csps.parallel.worker_context import make_parallel_context
 
-            csa = (CsaConfig.parse(csa_levels, csa_far_queries) if sp_attention == "csa"
-                   else None)
+            csa = (CsaConfig.parse(csa_levels, csa_far_queries, csa_micro_batch)
+                   if sp_attention == "csa" else None)
             backend, tp = make_parallel_context(groups, sp_attention, self.comm_stats,
                                                 sp_decode, csa)
         self.model = load_model(model_dir, dtype=TORCH_DTYPES[dtype], device=self.device,

@@ -139,6 +139,30 @@ class Communicator:
         works = dist.batch_isend_irecv(ops)
         return PendingShift(self, works, send, recv, time.perf_counter() - start)
 
+    def start_all_to_all(self, inputs: Sequence[torch.Tensor],
+                         output_shapes: Sequence[Sequence[int]]) -> PendingAllToAll:
+        """all_to_all, asynchronously (async_op=True): returns a PendingAllToAll whose wait()
+        gives the outputs and records the bytes and time (launch plus wait) like all_to_all.
+        Several may be in flight; every rank must start them in the same order."""
+        if len(inputs) != self.size or len(output_shapes) != self.size:
+            raise ValueError(f"need {self.size} inputs and output shapes")
+        if len({t.dtype for t in inputs}) != 1:
+            raise ValueError("all_to_all inputs must share one dtype")
+        start = time.perf_counter()
+        in_numels = [t.numel() for t in inputs]
+        out_numels = [math.prod(s) for s in output_shapes]
+        send = torch.cat([t.reshape(-1) for t in inputs])  # [sum(in_numels)], contiguous
+        work = None
+        if self.size == 1:
+            recv = send
+        else:
+            recv = send.new_empty(sum(out_numels))  # [sum(out_numels)]
+            work = dist.all_to_all_single(recv, send, out_numels, in_numels, group=self.group,
+                                          async_op=True)
+        sent = (sum(in_numels) - in_numels[self.rank]) * send.element_size()
+        return PendingAllToAll(self, work, send, recv, out_numels, output_shapes, sent,
+                               time.perf_counter() - start)
+
 
 class PendingShift:
     """One ring hop in flight: holds the send buffer alive until wait()."""
@@ -160,3 +184,30 @@ class PendingShift:
         seconds = self._launch_s + time.perf_counter() - start
         self._comm.stats.record(self._comm.phase, _nbytes(self._send), seconds)
         return self._recv
+
+
+class PendingAllToAll:
+    """One all-to-all in flight: holds the send buffer alive until wait()."""
+
+    def __init__(self, comm: Communicator, work, send: torch.Tensor, recv: torch.Tensor,
+                 out_numels: list[int], output_shapes: Sequence[Sequence[int]], sent: int,
+                 launch_s: float) -> None:
+        self._comm, self._work, self._send, self._recv = comm, work, send, recv
+        self._out_numels, self._shapes, self._sent = out_numels, output_shapes, sent
+        self._launch_s = launch_s
+        self._done = False
+
+    def wait(self) -> list[torch.Tensor]:
+        """Block until done; returns outputs[j] shaped output_shapes[j], from rank j. Once."""
+        if self._done:
+            raise RuntimeError("PendingAllToAll.wait() called twice")
+        start = time.perf_counter()
+        if self._work is not None:
+            self._work.wait()
+        self._done = True
+        self._send = None
+        outputs = [part.view(*shape) for part, shape
+                   in zip(self._recv.split(self._out_numels), self._shapes, strict=True)]
+        seconds = self._launch_s + time.perf_counter() - start
+        self._comm.stats.record(self._comm.phase, self._sent, seconds)
+        return outputs

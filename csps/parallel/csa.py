@@ -13,7 +13,7 @@ causal attention.
 far_queries "all" [ours]: each key holder sends its sampled K/V to the later ranks of the
 level (one all-to-all per level) and every local query attends them on its own rank. Bytes for
 a (holder j, querier r) pair: n_j / s * 2 Hkv * D * e. Far compute lands on the later ranks
-(causal imbalance, like allgather_kv.py).
+(causal imbalance, like allgather_kv.py). Micro-batch pipelining (§2.3): csa_pipeline.py.
 far_queries "sampled" [proto]: queries travel, keys stay. For KV head h, the querier sends
 only its query rows at positions i % s_l == h % s_l (G heads each); the holder attends them to
 its own sampled K/V and sends back out with lse (two all-to-alls per level). Bytes per pair:
@@ -59,10 +59,14 @@ def csa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         outs.append(out.float())
         lses.append(lse)
     travel = _keys_travel if config.far_queries == "all" else _queries_travel
-    for level in range(1, len(config.levels)):
-        far = [_far_ranks(r, config.levels[level - 1][0], config.levels[level][0])
-               for r in range(size)]
-        part = travel(q, k, v, _Level(far, config.levels[level][1], starts), comm, scale)
+    levels = [_Level([_far_ranks(r, config.levels[i - 1][0], group) for r in range(size)],
+                     stride, starts) for i, (group, stride) in enumerate(config.levels) if i]
+    if config.pipelined:  # micro-batches, comm overlapping compute (csa_pipeline.py)
+        from csps.parallel.csa_pipeline import far_levels  # NOTE: it imports this module
+        parts = [far_levels(q, k, v, levels, comm, scale, config)]
+    else:
+        parts = [travel(q, k, v, lv, comm, scale) for lv in levels]
+    for part in parts:
         if part is not None and n_r:
             outs.append(part[0])
             lses.append(part[1])
@@ -174,8 +178,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale):
     if not k.shape[0] or not q.shape[0]:
         return (q.new_zeros(q.shape, dtype=torch.float32),
                 q.new_full(q.shape[:2], float("-inf"), dtype=torch.float32))
-    out, lse = partial_attention(q, k[:, None], v[:, None], scale=scale)
-    return out.float(), lse
+    m, g, d = q.shape  # the G heads share k/v: m G rows of one head, k/v not repeated
+    out, lse = partial_attention(q.reshape(m * g, 1, d), k[:, None], v[:, None], scale=scale)
+    return out.reshape(m, g, d).float(), lse.reshape(m, g)
 
 
 def _pack(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

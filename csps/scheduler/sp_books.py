@@ -37,15 +37,20 @@ class SequenceParallelBooks:
 
     def admit_sequence_parallel(self, request: Request, batch: BatchBuilder) -> bool:
         """Admit the waiting head as an SP prefill: its prompt split over every SP rank, all of
-        it in this iteration, which it takes whole. The last rank, holding the last token, leads
-        it. False (nothing changes) if any rank lacks the blocks for its chunk."""
+        it in this iteration, which it takes whole. The last rank, holding the last token,
+        samples its first token; its decodes are then led by the rank leading the fewest
+        requests (a decode step needs only the token id, not the prefill's hidden state).
+        False (nothing changes) if any rank lacks the blocks for its chunk."""
         ranks = list(range(self.sp_size))
         chunk_lens = split_prompt(request.num_tokens, len(ranks), self.kv_cache_manager.block_size)
         if min(chunk_lens) < 1 or not batch.is_empty:
             return False
         if self.kv_cache_manager.allocate_prefill(request.request_id, chunk_lens, ranks) is None:
             return False
-        self._start(request, leader=ranks[-1])
+        counts = [0] * self.sp_size
+        for rank in self._leaders.values():
+            counts[rank] += 1
+        self._start(request, leader=min(ranks, key=lambda r: (counts[r], -r)))
         self._sp_prefills.add(request.request_id)
         batch.token_budget = request.num_tokens  # NOTE: an SP prefill is a whole iteration
         batch.add(request, request.num_tokens)
@@ -73,6 +78,7 @@ class SequenceParallelBooks:
         scheduled.kv_ranges = placement.ranges
         scheduled.leader = self._leaders[scheduled.request_id]
         if scheduled.request_id in self._sp_prefills:
+            scheduled.leader = self.sp_size - 1  # holds the last token: samples the first
             scheduled.sp_chunk_lens = tuple(placement.tokens_on(r)
                                             for r in range(self.sp_size))
         elif len(placement.ranks) == 1:  # all on the leader: a plain block table there
