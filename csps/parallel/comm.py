@@ -62,24 +62,7 @@ class Communicator:
                    output_shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """inputs[j] (any shape) goes to rank j; returns outputs[j], shaped output_shapes[j],
         which rank j sent here. Splits may be uneven or empty; one dtype for all."""
-        if len(inputs) != self.size or len(output_shapes) != self.size:
-            raise ValueError(f"need {self.size} inputs and output shapes")
-        if len({t.dtype for t in inputs}) != 1:
-            raise ValueError("all_to_all inputs must share one dtype")
-        start = time.perf_counter()
-        in_numels = [t.numel() for t in inputs]
-        out_numels = [math.prod(s) for s in output_shapes]
-        send = torch.cat([t.reshape(-1) for t in inputs])  # [sum(in_numels)], contiguous
-        if self.size == 1:
-            recv = send
-        else:
-            recv = send.new_empty(sum(out_numels))  # [sum(out_numels)]
-            dist.all_to_all_single(recv, send, out_numels, in_numels, group=self.group)
-        outputs = [part.view(*shape) for part, shape
-                   in zip(recv.split(out_numels), output_shapes, strict=True)]
-        sent = sum(in_numels) - in_numels[self.rank]
-        self.stats.record(self.phase, sent * send.element_size(), time.perf_counter() - start)
-        return outputs
+        return self.start_all_to_all(inputs, output_shapes).wait()
 
     def all_gather(self, tensor: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
         """tensor [sizes[rank], *rest] from every rank -> [sum(sizes), *rest] in rank order."""
