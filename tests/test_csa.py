@@ -133,7 +133,7 @@ def _sparse_mask(chunk_lens, num_heads, num_kv_heads, levels, mode) -> torch.Ten
         seen = seen | shared
         for hq in range(num_heads):
             h = hq // (num_heads // num_kv_heads)
-            keep = new & (pos[None, :] % stride == h % stride)
+            keep = new & ((pos[None, :] % stride == h % stride) | (pos[None, :] == 0))  # + sink
             if mode == "sampled":
                 keep = keep & (pos[:, None] % stride == h % stride)
             masks[hq] |= keep
@@ -207,7 +207,10 @@ def _expected_bytes(world_size, levels, mode, hq=9, hkv=3, dim=HEAD_DIM, e=4):
             stride = next(s for g, s in config.levels if d // g == j // g)
             kept = BYTE_CHUNK // stride  # per head, chunks of 8 and strides dividing 8
             if mode == "all":
-                sent[j] += kept * hkv * 2 * dim * e  # sampled K and V, every KV head
+                # sampled K and V of every KV head; rank 0 adds its position 0 (the attention
+                # sink) for the heads whose stride residue misses it
+                sinks = sum(1 for h in range(hkv) if h % stride) if j == 0 else 0
+                sent[j] += (kept * hkv + sinks) * 2 * dim * e
             else:
                 sent[d] += kept * hq * dim * e  # sampled query rows
                 sent[j] += kept * hq * (dim + 1) * e  # out and lse back
@@ -230,11 +233,16 @@ def test_bytes_shrink_with_the_stride(world_size):
             piped = [outputs[("bytes", levels, mode, "2x1")] for outputs in per_rank]
             assert [b for b, _ in piped] == [b for b, _ in got], (levels, mode)  # same bytes
             # 2 head groups x one row per micro-batch: 1 / stride of the 8-token chunks
-            num_batches = sum(2 * BYTE_CHUNK // s for _, s in CsaConfig.parse(levels).levels[1:])
+            # ("all": rank 0's sink row makes one more row where the stride is above 1)
+            num_batches = sum(2 * (BYTE_CHUNK // s + (mode == "all" and s > 1))
+                              for _, s in CsaConfig.parse(levels).levels[1:])
             assert [c for _, c in piped] == [calls // num_far_levels * num_batches] * world_size
         dense = sum(outputs[("bytes", dense_levels, mode, "")][0] for outputs in per_rank)
         sparse = sum(outputs[("bytes", sparse_levels, mode, "")][0] for outputs in per_rank)
-        assert dense == 4 * sparse, mode  # every far stride is 4
+        if mode == "sampled":  # queries travel: exactly 1 / stride
+            assert dense == 4 * sparse, mode  # every far stride is 4
+        else:  # 1 / stride plus rank 0's sink rows (exact figures: _expected_bytes above)
+            assert 4 * sparse > dense > 2 * sparse, mode
 
 
 @pytest.mark.slow

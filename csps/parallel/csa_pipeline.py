@@ -36,12 +36,11 @@ class _Batch:
     t0: int
     t1: int
 
-    def rows(self, rank: int, head: int) -> range:
+    def rows(self, rank: int, head: int) -> list[int]:
         return self.lv.rows(rank, head)[self.t0:self.t1]
 
     def index(self, rank: int, head: int, device: torch.device) -> torch.Tensor:
-        rows = self.rows(rank, head)
-        return torch.arange(rows.start, max(rows.start, rows.stop), rows.step, device=device)
+        return torch.tensor(self.rows(rank, head), dtype=torch.int64, device=device)
 
     def count(self, rank: int) -> int:
         """Travelling rows of sender `rank` in this micro-batch, over its heads."""
