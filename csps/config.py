@@ -107,9 +107,10 @@ class ParallelConfig:
         "Exact SP prefill attention: ulysses (all-to-all, heads split by KV group), "
         "allgather_kv (partial Q, all-gathered KV) or ring (pass-KV); csa: sparse "
         "(Communication-efficient Sparse Attention, levels from --csa-levels)."))
-    csa_levels: str = field(default="1:1,2:4", metadata=_help(
+    csa_levels: str = field(default="", metadata=_help(
         "CSA levels as group_size:stride pairs, e.g. 1:1,2:4,4:8 (level 0 dense on the "
-        "worker's own chunk; the top group must be the SP size)."))
+        "worker's own chunk; the top group must be the SP size). Default 1:1,P:2, chosen from "
+        "the accuracy measurements in docs/benchmarks.md."))
     csa_far_queries: str = field(default="all", metadata=_help(
         "CSA at far levels: all (every local query against the sampled K/V) or sampled "
         "(only sampled queries travel to the keys, as in the authors' prototype)."))
@@ -129,7 +130,7 @@ class ParallelConfig:
         if self.sp_attention == "csa":
             from csps.parallel.csa_config import CsaConfig  # pure Python
 
-            CsaConfig.parse(self.csa_levels, self.csa_far_queries,
+            CsaConfig.parse(self.resolved_csa_levels, self.csa_far_queries,
                             self.csa_micro_batch).check_sp_size(
                 self.sequence_parallel_size)
         if self.sp_decode not in SP_DECODE_MODES:
@@ -139,6 +140,11 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.sequence_parallel_size * self.tensor_parallel_size
+
+    @property
+    def resolved_csa_levels(self) -> str:
+        """--csa-levels, or the default: one far level over the SP group at stride 2."""
+        return self.csa_levels or f"1:1,{self.sequence_parallel_size}:2"
 
 
 @dataclass(frozen=True)

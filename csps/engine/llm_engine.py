@@ -50,7 +50,7 @@ class LLMEngine:
             model_dir=model_dir, arch=self.arch, dtype=dtype, device=device,
             num_blocks=num_blocks, block_size=config.cache.block_size, seed=config.model.seed,
             sp_attention=parallel.sp_attention, sp_decode=parallel.sp_decode,
-            csa_levels=parallel.csa_levels, csa_far_queries=parallel.csa_far_queries,
+            csa_levels=parallel.resolved_csa_levels, csa_far_queries=parallel.csa_far_queries,
             csa_micro_batch=parallel.csa_micro_batch))
         if config.scheduler.policy == "sps2":  # KV placed per SP rank (kvcache/placement.py)
             kv_cache_manager = DistributedKVCacheManager(parallel.sequence_parallel_size,

@@ -42,7 +42,7 @@ class Worker:
     def __init__(self, model_dir: Path, arch, dtype: str, device: str, num_blocks: int,
                  block_size: int, seed: int, groups: ParallelGroups | None = None,
                  sp_attention: str = "ulysses", sp_decode: str = "qmove",
-                 csa_levels: str = "1:1,2:4", csa_far_queries: str = "all",
+                 csa_levels: str = "1:1,2:2", csa_far_queries: str = "all",
                  csa_micro_batch: str = "") -> None:
         torch.manual_seed(seed)
         self.groups = groups
