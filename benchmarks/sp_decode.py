@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -28,13 +27,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from spawn_ranks import run_ranks
 
 from csps.config import SchedulerConfig
 from csps.engine.worker import Worker
 from csps.kvcache.placement import DistributedKVCacheManager, split_prompt
 from csps.model.loader import read_arch_config
 from csps.model.resolve import resolve_model
-from csps.parallel.groups import destroy_parallel_groups, find_free_port, init_parallel_groups
+from csps.parallel.groups import init_parallel_groups
 from csps.request import Request, RequestStatus, SamplingParams
 from csps.scheduler import RunnerOutput, Scheduler
 
@@ -85,68 +85,42 @@ def _case(worker: Worker, groups, n: int, num_requests: int, tag: str, args) -> 
             "comm_s": statistics.median(comm), "bytes_per_step": statistics.median(sent)}
 
 
-def _rank_main(rank: int, world: int, port: int, folder: str, args, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        groups = init_parallel_groups(sp_size=world, tp_size=1, backend="gloo")
-        arch = read_arch_config(folder)
-        workers = {m: Worker(folder, arch, "float32", "cpu", args.num_blocks if m == "qmove"
-                             else 1, BLOCK, 0, groups, sp_decode=m) for m in MODES}
-        for kv in workers["qmove"].runner.kv_caches:
-            kv.k_cache.normal_()
-            kv.v_cache.normal_()
-        workers["kvmove"].runner.kv_caches = workers["qmove"].runner.kv_caches  # shared
-        cases = [(n, 1) for n in args.lengths] + [(n, r) for r, n in args.batched]
-        rows = []
-        for n, num_requests in cases:
-            for mode in MODES:  # side by side, so load from other processes hits both alike
-                row = _case(workers[mode], groups, n, num_requests, f"{mode}{n}x{num_requests}",
-                            args)
-                per_rank = [None] * world
-                dist.all_gather_object(per_rank, row, group=groups.cpu_group)
-                rows.append({"P": world, "mode": mode, "context": n, "requests": num_requests,
-                             "wall_s": max(r["wall_s"] for r in per_rank),
-                             "leader_comm_s": per_rank[-1]["comm_s"],
-                             "bytes_per_step": sum(r["bytes_per_step"] for r in per_rank),
-                             "per_rank": per_rank})
-                if rank == 0:
-                    print(f"  P={world} {mode} N={n} x{num_requests}: "
-                          f"{rows[-1]['wall_s'] * 1e3:.1f} ms, "
-                          f"{rows[-1]['bytes_per_step'] / 1e6:.3f} MB", file=sys.stderr,
-                          flush=True)
-        results.put((rank, "ok", rows))
-    except BaseException as exc:  # noqa: B036 - the parent must hear of it
-        results.put((rank, "error", repr(exc)))
-        raise
-    finally:
-        destroy_parallel_groups()
+def _rank_main(rank: int, world: int, folder: str, args) -> list[dict]:
+    """One rank of part A (run by run_ranks): rank 0's rows hold every rank's figures."""
+    groups = init_parallel_groups(sp_size=world, tp_size=1, backend="gloo")
+    arch = read_arch_config(folder)
+    workers = {m: Worker(folder, arch, "float32", "cpu", args.num_blocks if m == "qmove"
+                         else 1, BLOCK, 0, groups, sp_decode=m) for m in MODES}
+    for kv in workers["qmove"].runner.kv_caches:
+        kv.k_cache.normal_()
+        kv.v_cache.normal_()
+    workers["kvmove"].runner.kv_caches = workers["qmove"].runner.kv_caches  # shared
+    cases = [(n, 1) for n in args.lengths] + [(n, r) for r, n in args.batched]
+    rows = []
+    for n, num_requests in cases:
+        for mode in MODES:  # side by side, so load from other processes hits both alike
+            row = _case(workers[mode], groups, n, num_requests, f"{mode}{n}x{num_requests}",
+                        args)
+            per_rank = [None] * world
+            dist.all_gather_object(per_rank, row, group=groups.cpu_group)
+            rows.append({"P": world, "mode": mode, "context": n, "requests": num_requests,
+                         "wall_s": max(r["wall_s"] for r in per_rank),
+                         "leader_comm_s": per_rank[-1]["comm_s"],
+                         "bytes_per_step": sum(r["bytes_per_step"] for r in per_rank),
+                         "per_rank": per_rank})
+            if rank == 0:
+                print(f"  P={world} {mode} N={n} x{num_requests}: "
+                      f"{rows[-1]['wall_s'] * 1e3:.1f} ms, "
+                      f"{rows[-1]['bytes_per_step'] / 1e6:.3f} MB", file=sys.stderr,
+                      flush=True)
+    return rows
 
 
 def part_a(folder: str, world: int, args) -> list[dict]:
     """Run _rank_main on `world` spawned gloo ranks; rank 0's rows."""
     total = max([*args.lengths, *(r * n for r, n in args.batched)])
     args.num_blocks = -(-total // (world * BLOCK)) + 8 * 4 + 16  # + partial and decode blocks
-    ctx = mp.get_context("spawn")
-    results, port = ctx.Queue(), find_free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, folder, args, results),
-                         daemon=True) for r in range(world)]
-    for proc in procs:
-        proc.start()
-    outputs = {}
-    try:
-        while len(outputs) < world:
-            rank, status, payload = results.get(timeout=3600)
-            if status != "ok":
-                raise RuntimeError(f"rank {rank} failed: {payload}")
-            outputs[rank] = payload
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-    return outputs[0]
+    return run_ranks(_rank_main, world, folder, args, timeout_s=3600.0)[0]
 
 
 # ---- Part B: TBT of short requests while long prompts arrive --------------------------------

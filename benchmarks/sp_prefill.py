@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
-import queue
 import statistics
 import sys
 import time
@@ -29,13 +27,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from spawn_ranks import run_ranks
 
 from csps.attention.metadata import AttentionMetadata
 from csps.kvcache.placement import split_prompt
 from csps.model.loader import load_model
 from csps.model.resolve import resolve_model
 from csps.parallel.comm import CommStats, Communicator
-from csps.parallel.groups import destroy_parallel_groups, find_free_port, init_parallel_groups
+from csps.parallel.groups import init_parallel_groups
 from csps.parallel.sp_attention import SequenceParallelAttention
 from csps.parallel.sp_tp import TensorParallelContext
 
@@ -142,50 +141,18 @@ def _tp_runs(groups, folder: str, args) -> dict:
     return _sweep(model, make_run, stats, lambda: dist.barrier(group=groups.cpu_group), args)
 
 
-def _worker(rank: int, world: int, port: int, folder: str, args, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        out = _sp_runs(init_parallel_groups(sp_size=world, tp_size=1, backend="gloo"),
-                       folder, args)
-        if args.sp_tp:
-            out["sp_tp"] = _tp_runs(init_parallel_groups(sp_size=1, tp_size=world,
-                                                         backend="gloo"), folder, args)
-        results.put((rank, "ok", out))
-    except BaseException as exc:  # noqa: B036 - the parent must hear of it
-        results.put((rank, "error", repr(exc)))
-        raise
-    finally:
-        destroy_parallel_groups()
+def _rank_runs(rank: int, world: int, folder: str, args) -> dict:
+    """One rank: the SP paths, then SP-TP (run by run_ranks)."""
+    out = _sp_runs(init_parallel_groups(sp_size=world, tp_size=1, backend="gloo"), folder, args)
+    if args.sp_tp:
+        out["sp_tp"] = _tp_runs(init_parallel_groups(sp_size=1, tp_size=world, backend="gloo"),
+                                folder, args)
+    return out
 
 
 def two_ranks(folder: str, args, timeout_s: float = 7200.0) -> list[dict]:
-    """Run _worker in 2 spawned gloo ranks; their results in rank order."""
-    ctx = mp.get_context("spawn")
-    results, port = ctx.Queue(), find_free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, folder, args, results), daemon=True)
-             for r in range(2)]
-    for proc in procs:
-        proc.start()
-    outputs, deadline = {}, time.monotonic() + timeout_s
-    try:
-        while len(outputs) < 2:
-            try:
-                rank, status, payload = results.get(timeout=5)
-            except queue.Empty:
-                if time.monotonic() > deadline or any(p.exitcode for p in procs):
-                    raise RuntimeError("a rank died or timed out") from None
-                continue
-            if status != "ok":
-                raise RuntimeError(f"rank {rank} failed: {payload}")
-            outputs[rank] = payload
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-    return [outputs[0], outputs[1]]
+    """_rank_runs in 2 spawned gloo ranks; their results in rank order."""
+    return run_ranks(_rank_runs, 2, folder, args, timeout_s=timeout_s)
 
 
 def _row(config: str, num_tokens: int, per_rank: list[dict], ref: dict | None) -> dict:
