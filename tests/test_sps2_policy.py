@@ -63,7 +63,6 @@ def test_sp_decodes_are_led_by_the_least_busy_rank():
     sched = make_scheduler(sp_size=3)
     for i in range(3):
         sched.add_request(make_request(f"long{i}", 50, max_tokens=8))
-    leaders = []
     for _ in range(5):  # prefill, decode, prefill, decode, prefill
         out = step(sched)
         if "sp" in out.kinds:

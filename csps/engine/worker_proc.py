@@ -55,11 +55,11 @@ def run_worker(conn: Connection, rank: int, world_size: int, port: int, sp_size:
     except Exception as exc:
         send(conn, ("error", error_payload(exc)))
         return
-    if send(conn, ("ready", None)) and serve(conn, worker, rank):
+    if send(conn, ("ready", None)) and serve(conn, worker):
         destroy_parallel_groups()
 
 
-def serve(conn: Connection, worker: Worker, rank: int) -> bool:
+def serve(conn: Connection, worker: Worker) -> bool:
     """Answer calls until STOP (returns True), a failed call or the engine's exit (False)."""
     while True:
         try:
