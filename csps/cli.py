@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csps", description="csps: an LLM serving engine.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(subparsers)
+    from csps.bench.cli import add_bench_parser
+    add_bench_parser(subparsers)
     return parser
 
 

@@ -14,6 +14,7 @@ import torch
 
 if TYPE_CHECKING:
     from csps.attention.sp_decode_plan import SpDecodePlan
+    from csps.attention.sp_prefill_plan import SpPrefillPlan
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: hashed by identity; backends cache per batch
@@ -33,6 +34,9 @@ class AttentionMetadata:
     # SP decode only: the q-move exchange of decodes whose KV spans SP ranks. Their rows come
     # after the R requests above (which describe the rank's other, local rows).
     sp_decode: SpDecodePlan | None = None
+    # SP prefill only: per-request algorithm / CSA choice and KV placement other than "each
+    # rank keeps its own chunk" (None: the backend's defaults).
+    sp_prefill: SpPrefillPlan | None = None
 
     @classmethod
     def build(cls, requests: Sequence[tuple[int, int, Sequence[int]]], block_size: int,
@@ -77,12 +81,15 @@ class AttentionMetadata:
     @classmethod
     def build_sp_prefill(cls, chunk_lens: Sequence[int], sp_rank: int,
                          device: torch.device | str, slot_mapping: torch.Tensor | None = None,
-                         block_size: int = 0) -> AttentionMetadata:
+                         block_size: int = 0,
+                         plan: SpPrefillPlan | None = None) -> AttentionMetadata:
         """This rank's view of one prompt prefilled by sequence parallelism (algorithms.md §2.1).
 
         The rank's rows are chunk sp_rank of chunk_lens; slot_mapping [chunk_lens[sp_rank]]
         (int64) says where its chunk's K/V go in its own cache, None for no cache. The caller
-        passes the chunk's global positions to the model. Raises ValueError on a bad layout.
+        passes the chunk's global positions to the model. With a plan that migrates KV,
+        slot_mapping is None and the plan's kv_keep says what goes where. Raises ValueError on
+        a bad layout.
         """
         if any(n < 1 for n in chunk_lens) or not 0 <= sp_rank < len(chunk_lens):
             raise ValueError(f"bad SP layout: chunk_lens={list(chunk_lens)}, rank {sp_rank}")
@@ -92,7 +99,7 @@ class AttentionMetadata:
                              f"{tuple(slot_mapping.shape)}")
         return cls._from_lists([0], [num_local], device, block_size=block_size,
                                slot_mapping=slot_mapping, block_tables=None,
-                               sp_chunk_lens=list(chunk_lens))
+                               sp_chunk_lens=list(chunk_lens), sp_prefill=plan)
 
     @classmethod
     def _from_lists(cls, computed: list[int], query_lens: list[int], device: torch.device | str,

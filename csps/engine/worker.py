@@ -64,7 +64,8 @@ class Worker:
             head_dim=arch.head_dim, dtype=TORCH_DTYPES[dtype], device=self.device)
         sp_rank, sp_size = (0, 1) if groups is None else (groups.sp_rank, groups.sp_size)
         self.runner = ModelRunner(self.model, kv_caches, block_size, self.device, Sampler(seed),
-                                  sp_rank=sp_rank, sp_size=sp_size)
+                                  sp_rank=sp_rank, sp_size=sp_size,
+                                  csa_options=(csa_levels, csa_far_queries, csa_micro_batch))
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         before = dict(self.comm_stats.bytes_sent)

@@ -11,7 +11,7 @@ KV all-gather, and with the same causal imbalance (no zig-zag ordering).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,11 +23,16 @@ from csps.parallel.sp_layout import check_local_qkv
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    chunk_lens: Sequence[int], comm: Communicator,
-                   scale: float | None = None) -> torch.Tensor:
+                   scale: float | None = None,
+                   on_block: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+                   ) -> torch.Tensor:
     """Causal attention of the whole sequence, returned for this rank's query rows.
 
     Same contract as ulysses_attention: q [n_r, Hq, D], k/v [n_r, Hkv, D] of this rank's
     chunk, chunk_lens [P] in rank order; collective over comm's group. Returns [n_r, Hq, D].
+    on_block(src, k [n_src, Hkv, D], v) is called once for every chunk, the own one included,
+    while it is in hand: every chunk passes every rank, so a rank can keep any of them
+    (LoongServe's scale-down, attention/sp_prefill_plan.py).
     """
     rank, sp_size = comm.rank, comm.size
     check_local_qkv(q, k, v, chunk_lens, rank, sp_size)
@@ -40,8 +45,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if step < sp_size - 1:  # start the next hop first: it overlaps the compute below
             incoming = chunk_lens[(rank - step - 1) % sp_size]
             pending = comm.start_ring_shift(block, (incoming, 2 * num_kv_heads, head_dim))
+        keys, values = block.split([num_kv_heads, num_kv_heads], dim=1)
+        if on_block is not None and chunk_lens[src]:
+            on_block(src, keys, values)
         if src <= rank and chunk_lens[src] and chunk_lens[rank]:
-            keys, values = block.split([num_kv_heads, num_kv_heads], dim=1)
             # The own block (src == rank) shares positions with q: the causal triangle.
             part_out, part_lse = partial_attention(q, keys, values, scale=scale,
                                                    causal=src == rank)

@@ -26,6 +26,7 @@ from csps.parallel.ulysses import ulysses_attention
 
 if TYPE_CHECKING:
     from csps.attention.metadata import AttentionMetadata
+    from csps.attention.sp_prefill_plan import SpPrefillPlan
     from csps.kvcache.paged_cache import KVCache
     from csps.parallel.comm import Communicator
 
@@ -63,6 +64,8 @@ class SequenceParallelAttention(AttentionBackend):
                 raise ValueError("SP attention 'csa' needs a CsaConfig")
             csa_config.check_sp_size(comm.size)
             self._attend = functools.partial(csa_attention, config=csa_config)
+        self._csa_config = csa_config
+        self._per_request: dict[tuple, object] = {}  # per-request algorithm choices, built once
         self._fallback = ReferenceAttentionBackend()  # batches without SP layout
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -81,11 +84,46 @@ class SequenceParallelAttention(AttentionBackend):
         if chunk_lens is None:
             return self._fallback.forward(q, k, v, kv_cache, metadata, scale=scale)
         self._check(q, metadata, chunk_lens)
+        plan = metadata.sp_prefill
+        attend, algorithm = self._attend_for(plan)
+        if plan is not None and plan.migrates:
+            if algorithm != "ring":
+                raise ValueError("KV placed on other ranks than its chunk's (scale-down) needs "
+                                 f"ring attention, which passes every chunk; got {algorithm}")
+            if kv_cache is None:
+                raise ValueError("a KV migration plan needs a kv_cache")
+            keep = plan.kv_keep
+
+            def write(src: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+                if src in keep:
+                    rows, slots = keep[src]
+                    kv_cache.write_slots(keys[rows], values[rows], slots)
+            return attend(q, k, v, chunk_lens, self.comm, scale=scale, on_block=write)
         if kv_cache is not None:
             if metadata.slot_mapping is None:
                 raise ValueError("a kv_cache needs metadata built with slot_mapping")
             kv_cache.write_slots(k, v, metadata.slot_mapping)
-        return self._attend(q, k, v, chunk_lens, self.comm, scale=scale)
+        return attend(q, k, v, chunk_lens, self.comm, scale=scale)
+
+    def _attend_for(self, plan: SpPrefillPlan | None):
+        """(attention function, algorithm name) for this request: the plan's choice or ours.
+        Per-request choices are built once and cached."""
+        if plan is None or (plan.algorithm is None and plan.csa_config is None):
+            return self._attend, self.algorithm
+        algorithm = plan.algorithm or self.algorithm
+        key = (algorithm, plan.csa_config)  # CsaConfig is frozen: hashable
+        if key not in self._per_request:
+            if algorithm not in SP_ALGORITHMS:
+                raise ValueError(f"unknown SP algorithm {algorithm!r}")
+            fn = SP_ALGORITHMS[algorithm]
+            if algorithm == "csa":
+                config = plan.csa_config or self._csa_config
+                if config is None:
+                    raise ValueError("SP attention 'csa' needs CSA levels")
+                config.check_sp_size(self.comm.size)
+                fn = functools.partial(csa_attention, config=config)
+            self._per_request[key] = fn
+        return self._per_request[key], algorithm
 
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata, scale: float | None) -> torch.Tensor:

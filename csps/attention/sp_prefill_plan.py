@@ -1,0 +1,71 @@
+"""SpPrefillPlan: one SP prefill's per-request choices and where its KV lands, on one rank.
+
+The scheduler may choose, per request, the SP attention algorithm and CSA levels / micro-batch
+(the sps2 configurator) and may place the prompt's KV on other ranks than those that compute
+it (LoongServe's scale-down: ScheduledRequest.kv_ranges differ from sp_chunk_lens). Ring
+attention passes every chunk's K/V through every rank, so a rank keeps the rows it is assigned
+as the chunk goes by, at no extra transfer; the other algorithms do not see every chunk and
+refuse such a plan. Built by engine/sp_model_input.py, read by parallel/sp_attention.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from csps.kvcache.placement import TokenRange
+from csps.parallel.csa_config import CsaConfig
+
+
+@dataclass(frozen=True, eq=False)
+class SpPrefillPlan:
+    algorithm: str | None = None  # None: the backend's configured algorithm
+    csa_config: CsaConfig | None = None  # with algorithm "csa" (None: the backend's)
+    # chunk index -> (rows [m] int64 inside that chunk, slots [m] int64 in this rank's cache).
+    # None: this rank keeps exactly its own chunk, at metadata.slot_mapping.
+    kv_keep: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def migrates(self) -> bool:
+        return self.kv_keep is not None
+
+    @staticmethod
+    def keep_map(chunk_lens: Sequence[int], kv_ranges: Sequence[TokenRange], sp_rank: int,
+                 block_size: int, device: torch.device | str
+                 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """For every chunk, the rows of it that this rank holds in kv_ranges, and their slots."""
+        keep, chunk_start = {}, 0
+        for src, length in enumerate(chunk_lens):
+            chunk_end = chunk_start + length
+            rows, slots = [], []
+            for held in kv_ranges:
+                if held.rank != sp_rank:
+                    continue
+                for pos in range(max(held.start, chunk_start), min(held.end, chunk_end)):
+                    offset = pos - held.start
+                    rows.append(pos - chunk_start)
+                    slots.append(held.block_ids[offset // block_size] * block_size
+                                 + offset % block_size)
+            if rows:
+                keep[src] = (torch.tensor(rows, dtype=torch.int64, device=device),
+                             torch.tensor(slots, dtype=torch.int64, device=device))
+            chunk_start = chunk_end
+        return keep
+
+    @classmethod
+    def for_request(cls, chunk_lens: Sequence[int], kv_ranges: Sequence[TokenRange],
+                    sp_rank: int, block_size: int, device: torch.device | str,
+                    algorithm: str | None, csa_config: CsaConfig | None) -> SpPrefillPlan | None:
+        """The plan, or None when nothing differs from the backend's default (every rank
+        keeps exactly its own chunk; the configured algorithm). Decided from the whole
+        placement, so every rank of the group agrees on it."""
+        starts = [sum(chunk_lens[:r]) for r in range(len(chunk_lens))]
+        identity = sorted((r.rank, r.start, r.end) for r in kv_ranges) == [
+            (rank, starts[rank], starts[rank] + n) for rank, n in enumerate(chunk_lens) if n]
+        kv_keep = None if identity else cls.keep_map(chunk_lens, kv_ranges, sp_rank,
+                                                     block_size, device)
+        if kv_keep is None and algorithm is None and csa_config is None:
+            return None
+        return cls(algorithm=algorithm, csa_config=csa_config, kv_keep=kv_keep)

