@@ -38,6 +38,7 @@ CONFIGS = {
     "1:1,2:8": (2, "csa", "1:1,2:8", "all"),
     "1:1,2:4 sampled": (2, "csa", "1:1,2:4", "sampled"),
     "P4 dense": (4, "ulysses", None, "all"),
+    "P4 1:1,4:2": (4, "csa", "1:1,4:2", "all"),  # the default at P=4
     "P4 1:1,2:2,4:4": (4, "csa", "1:1,2:2,4:4", "all"),
     "P4 1:1,2:4,4:8": (4, "csa", "1:1,2:4,4:8", "all"),
 }
@@ -148,14 +149,15 @@ def needle_prompts(tok, hay_ids, lengths, depths):
     return prompts
 
 
-def run_needle(folder, name, prompts):
+def run_needle(folder, name, prompts, max_model_len=8192):
     """Greedy answers of the engine with config `name`: [(length, depth, hit, answer)]."""
     from csps import LLM, SamplingParams
     size, algorithm, levels, far_queries = CONFIGS[name]
     extra = dict(csa_levels=levels, csa_far_queries=far_queries) if levels else {}
     llm = LLM(folder, sequence_parallel_size=size, sp_attention=algorithm, device="cpu",
               long_prompt_threshold=min(len(p[2]) for p in prompts) - 1, dtype="float32",
-              max_model_len=8192, kv_cache_memory_bytes=1 << 29, **extra)
+              max_model_len=max_model_len, kv_cache_memory_bytes=1 << 30,
+              cost_model="none", **extra)  # no configurator: every prompt goes SP
     try:
         outs = llm.generate([p[2] for p in prompts], SamplingParams(temperature=0, max_tokens=24))
     finally:
@@ -204,6 +206,12 @@ def main():
     parser.add_argument("--p4-length", type=int, default=4096, help="0: no P=4 runs")
     parser.add_argument("--needle-lengths", default="1024,2048,4096")
     parser.add_argument("--depths", default="0,25,50,75,100")
+    parser.add_argument("--p2-configs", nargs="+", default=None, choices=list(CONFIGS),
+                        help="P=2 configs for NLL and needles (default: all P=2 but stride 1)")
+    parser.add_argument("--p4-configs", nargs="+", default=None, choices=list(CONFIGS))
+    parser.add_argument("--max-model-len", type=int, default=8192,
+                        help="the needle engine's; prompts past the model's trained context "
+                             "(8k) extrapolate RoPE")
     parser.add_argument("--out", default="benchmarks/results/csa_accuracy.json")
     args = parser.parse_args()
     folder = str(resolve_model("smollm2-135m"))
@@ -211,6 +219,7 @@ def main():
     hay_ids = tok.encode(essay_text(), add_special_tokens=False)
     p2 = [c for c in CONFIGS if CONFIGS[c][0] == 2 and c != "1:1,2:1"]
     p4 = [c for c in CONFIGS if CONFIGS[c][0] == 4]
+    p2, p4 = args.p2_configs or p2, args.p4_configs or p4
     needle_configs = p2
     nll_lens = [int(x) for x in args.nll_lengths.split(",")]
     needle_lens = [int(x) for x in args.needle_lengths.split(",")]
@@ -231,7 +240,7 @@ def main():
     prompts = needle_prompts(tok, hay_ids, needle_lens, depths)
     for name in needle_configs:
         tic = time.time()
-        for n, d, hit, answer in run_needle(folder, name, prompts):
+        for n, d, hit, answer in run_needle(folder, name, prompts, args.max_model_len):
             results["needle"].append({"config": name, "tokens": n, "depth": d, "hit": hit,
                                       "answer": answer})
         print(f"needle {name:18s}: {[h['hit'] for h in results['needle'] if h['config'] == name]}"

@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(subparsers)
     from csps.bench.cli import add_bench_parser
     add_bench_parser(subparsers)
+    from csps.simulator.cli import add_simulate_parser
+    add_simulate_parser(subparsers)
+    from csps.costmodel.profile_cli import add_profile_parser
+    add_profile_parser(subparsers)
     return parser
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-SCHEDULER_POLICIES = ("auto", "sarathi", "vllm", "sps2")
+SCHEDULER_POLICIES = ("auto", "sarathi", "vllm", "sps2", "loongserve")
 SP_ATTENTION_ALGORITHMS = ("ulysses", "allgather_kv", "ring", "csa")
 CSA_FAR_QUERIES = ("all", "sampled")
 SP_DECODE_MODES = ("qmove", "kvmove")
@@ -65,8 +65,10 @@ class CacheConfig:
 class SchedulerConfig:
     policy: str = field(default="auto", metadata=_help(
         "Scheduling policy: sarathi (chunked prefill, stall-free batching), vllm "
-        "(prefill-first, no chunking) or sps2 (long prompts prefill with sequence parallelism, "
-        "decode moves the query); auto: sarathi on one SP rank, sps2 on several."))
+        "(prefill-first, no chunking), sps2 (long prompts prefill with sequence parallelism, "
+        "decode moves the query) or loongserve (elastic sequence parallelism: SP degree per "
+        "iteration, ring prefill with scale-down, multi-master decode); auto: sarathi on one "
+        "SP rank, sps2 on several."))
     max_num_batched_tokens: int | None = field(default=None, metadata=_help(
         "Token budget per iteration (default: 512 for sarathi, max_model_len for vllm)."))
     max_num_seqs: int = field(default=256, metadata=_help("Most requests running at once."))
@@ -78,6 +80,19 @@ class SchedulerConfig:
     hybrid_batching: bool = field(default=False, metadata=_help(
         "sps2: let prefill chunks ride in decode iterations (Sarathi-style hybrid batching) "
         "instead of alternating separate prefill and decode iterations."))
+    cost_model: str = field(default="", metadata=_help(
+        "Cost-model JSON (from `csps profile`) the sps2 configurator and loongserve price "
+        "iterations with; empty: none for sps2 (its --long-prompt-threshold rule), the bundled "
+        "CPU profile of smollm2-135m for loongserve; 'none': no cost model."))
+    sps2_csa_candidates: str = field(default="", metadata=_help(
+        "sps2 with a cost model: ';'-separated CSA level strings to choose from per request, "
+        "P standing for the chosen SP degree (e.g. '1:1,P:2;1:1,P:4'); empty: the engine's."))
+    sps2_micro_batch_candidates: str = field(default="", metadata=_help(
+        "sps2 with a cost model: ';'-separated CSA micro-batches HEADSxTOKENS to choose from "
+        "per request ('none' = no pipelining); empty: the engine's --csa-micro-batch."))
+    loongserve_sp_batch: int = field(default=1, metadata=_help(
+        "loongserve: most requests one multi-rank SP prefill group runs together (the workers "
+        "run one; 0 = no limit, for the simulator)."))
 
     def __post_init__(self) -> None:
         if self.policy not in SCHEDULER_POLICIES:
@@ -90,12 +105,17 @@ class SchedulerConfig:
             raise ValueError("max_waiting_requests must be positive")
         if self.long_prompt_threshold < 1:
             raise ValueError("long_prompt_threshold must be positive")
+        if self.loongserve_sp_batch < 0:
+            raise ValueError("loongserve_sp_batch must be >= 0")
+        for text in (self.sps2_csa_candidates, self.sps2_micro_batch_candidates):
+            if text and not all(c.strip() for c in text.split(";")):
+                raise ValueError(f"empty candidate in {text!r}")
 
     def token_budget(self, max_model_len: int) -> int:
         """The per-iteration token budget once the context length is known."""
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
-        return max_model_len if self.policy == "vllm" else 512
+        return max_model_len if self.policy in ("vllm", "loongserve") else 512
 
 
 @dataclass(frozen=True)
@@ -155,15 +175,25 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
-        """Resolve policy "auto" and refuse a policy that cannot drive the SP group."""
+        """Resolve policy "auto" and refuse a policy that cannot drive the SP group. loongserve
+        prefills with ring attention (its KV passes every rank, which scale-down needs): the
+        default ulysses becomes ring; allgather_kv and csa are refused."""
         sp_size = self.parallel.sequence_parallel_size
         if self.scheduler.policy == "auto":
             policy = "sps2" if sp_size > 1 else "sarathi"
             object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler,
                                                                       policy=policy))
-        if sp_size > 1 and self.scheduler.policy != "sps2":
+        if sp_size > 1 and self.scheduler.policy not in ("sps2", "loongserve"):
             raise ValueError(f"policy {self.scheduler.policy!r} runs each request on one "
-                             f"worker; with sequence_parallel_size {sp_size} use sps2")
+                             f"worker; with sequence_parallel_size {sp_size} use sps2 or "
+                             f"loongserve")
+        if self.scheduler.policy == "loongserve" and self.parallel.sp_attention != "ring":
+            if self.parallel.sp_attention != "ulysses":
+                raise ValueError(f"loongserve prefills with ring attention (scale-down keeps "
+                                 f"KV as it passes each rank); sp_attention "
+                                 f"{self.parallel.sp_attention!r} cannot")
+            object.__setattr__(self, "parallel", dataclasses.replace(self.parallel,
+                                                                     sp_attention="ring"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

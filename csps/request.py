@@ -68,7 +68,7 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler looks requests up in its queues
 class Request:
     """One generation request as the scheduler sees it: token ids and counters only."""
 

@@ -180,3 +180,18 @@ def test_placement_imports_without_torch():
             "print(bad); sys.exit(1 if bad else 0)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sticky_append_stays_until_its_rank_is_full_then_scales_up():
+    manager = DistributedKVCacheManager(num_ranks=2, num_blocks_per_rank=4, block_size=4)
+    manager.allocate_prefill("busy", [8], [1])  # rank 1: 2 of 4 blocks used
+    manager.allocate_prefill("r", [4, 0], [1, 0], sticky=True)  # on rank 1, may spill to 0
+    for _ in range(4):  # rank 1's last free block: stays although rank 0 is emptier
+        assert manager.append_slots("r", 1).rank == 1
+    assert [r.rank for r in manager.placement("r").ranges] == [1]
+    assert manager.append_slots("r", 1).rank == 0  # rank 1 full: scale up onto rank 0
+    assert [(r.rank, r.start, r.end) for r in manager.placement("r").ranges] == [(1, 0, 8),
+                                                                                  (0, 8, 9)]
+    manager.free("r")
+    manager.check_invariants()
+    assert manager.pools[0].num_free_blocks == 4 and manager.pools[1].num_free_blocks == 2

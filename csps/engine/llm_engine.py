@@ -22,6 +22,7 @@ from csps.model.resolve import resolve_model
 from csps.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from csps.request import Request, RequestStatus, SamplingParams
 from csps.scheduler import Scheduler
+from csps.scheduler.predictor import build_predictor
 
 ExecutorFactory = Callable[[EngineConfig, dict[str, Any]], Executor]
 
@@ -43,7 +44,8 @@ class LLMEngine:
                                 for r in range(parallel.tensor_parallel_size))
         bytes_per_token = kv_bytes_per_token(self.arch.num_hidden_layers, kv_heads_per_rank,
                                              self.arch.head_dim, dtype)
-        sp_ranks = parallel.sequence_parallel_size if config.scheduler.policy == "sps2" else 1
+        placed = config.scheduler.policy in ("sps2", "loongserve")  # KV placed per SP rank
+        sp_ranks = parallel.sequence_parallel_size if placed else 1
         num_blocks = plan_num_blocks(config.cache.kv_cache_memory_bytes, config.cache.block_size,
                                      bytes_per_token, self.max_model_len, num_ranks=sp_ranks)
         self.executor = executor_factory(config, dict(
@@ -52,12 +54,16 @@ class LLMEngine:
             sp_attention=parallel.sp_attention, sp_decode=parallel.sp_decode,
             csa_levels=parallel.resolved_csa_levels, csa_far_queries=parallel.csa_far_queries,
             csa_micro_batch=parallel.csa_micro_batch))
-        if config.scheduler.policy == "sps2":  # KV placed per SP rank (kvcache/placement.py)
+        if placed:  # kvcache/placement.py
             kv_cache_manager = DistributedKVCacheManager(parallel.sequence_parallel_size,
                                                          num_blocks, config.cache.block_size)
         else:
             kv_cache_manager = KVCacheManager(num_blocks, config.cache.block_size)
-        self.scheduler = Scheduler(config.scheduler, kv_cache_manager, self.max_model_len)
+        predictor = build_predictor(config.scheduler.cost_model, model_dir, parallel,
+                                    config.cache.block_size, dtype,
+                                    config.scheduler.policy) if placed else None
+        self.scheduler = Scheduler(config.scheduler, kv_cache_manager, self.max_model_len,
+                                   predictor)
         self._states: dict[str, RequestState] = {}
 
     # ---- admission --------------------------------------------------------------------------

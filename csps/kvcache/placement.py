@@ -10,6 +10,7 @@ Returns None/False when a request does not fit; misuse (bad arguments) raises Va
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -79,10 +80,26 @@ class RequestPlacement:
     def num_tokens(self) -> int:
         return self.ranges[-1].end if self.ranges else 0
 
+    def with_last_range(self, last: TokenRange) -> RequestPlacement:
+        """This placement with its last range replaced by one that starts where it did (a
+        grown range). NOTE: skips the tiling check, which such a range cannot break."""
+        if last.start != self.ranges[-1].start or last.end <= last.start:
+            raise ValueError(f"{last} does not replace the last range of {self.request_id}")
+        placement = object.__new__(RequestPlacement)
+        object.__setattr__(placement, "request_id", self.request_id)
+        object.__setattr__(placement, "ranges", self.ranges[:-1] + (last,))
+        if "_rank_tuple" in self.__dict__ and last.rank == self.ranges[-1].rank:
+            placement.__dict__["_rank_tuple"] = self._rank_tuple  # the same ranks
+        return placement
+
     @property
     def ranks(self) -> list[int]:
         """Ranks holding some of the request's KV, sorted."""
-        return sorted({r.rank for r in self.ranges})
+        return list(self._rank_tuple)
+
+    @functools.cached_property
+    def _rank_tuple(self) -> tuple[int, ...]:
+        return tuple(sorted({r.rank for r in self.ranges}))
 
     def range_of(self, position: int) -> TokenRange:
         if not 0 <= position < self.num_tokens:
@@ -103,6 +120,7 @@ class DistributedKVCacheManager:
         self.pools = [BlockPool(num_blocks_per_rank) for _ in range(num_ranks)]
         self._placements: dict[str, RequestPlacement] = {}
         self._groups: dict[str, tuple[int, ...]] = {}
+        self._sticky: set[str] = set()  # requests whose decode KV stays put while it fits
 
     def placement(self, request_id: str) -> RequestPlacement | None:
         return self._placements.get(request_id)
@@ -116,8 +134,10 @@ class DistributedKVCacheManager:
                    for n, r in zip(chunk_lens, ranks, strict=True))
 
     def allocate_prefill(self, request_id: str, chunk_lens: Sequence[int],
-                         ranks: Sequence[int]) -> RequestPlacement | None:
-        """Place chunk_lens[i] on ranks[i] (the SP group, kept for decode); None if any is short."""
+                         ranks: Sequence[int], sticky: bool = False) -> RequestPlacement | None:
+        """Place chunk_lens[i] on ranks[i] (the SP group, kept for decode); None if any is short.
+        sticky: decode KV stays on the last range's rank while it has room, and moves to the
+        group's least-loaded rank only then (LoongServe's scale-up under memory pressure)."""
         if request_id in self._placements:
             raise ValueError(f"request {request_id} is already placed")
         if not self.can_admit(chunk_lens, ranks):
@@ -129,6 +149,8 @@ class DistributedKVCacheManager:
                 ranges.append(TokenRange(r, start, start + n, tuple(blocks)))
                 start += n
         self._groups[request_id] = tuple(ranks)
+        if sticky:
+            self._sticky.add(request_id)
         self._placements[request_id] = RequestPlacement(request_id, ranges)
         return self._placements[request_id]
 
@@ -143,16 +165,27 @@ class DistributedKVCacheManager:
         """
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
-        ranges = list(self._placements[request_id].ranges)
-        end = self._placements[request_id].num_tokens + num_new_tokens
+        placement = self._placements[request_id]
+        end = placement.num_tokens + num_new_tokens
+        if placement.ranges:  # fast path (most decode steps): the last block has room
+            last = placement.ranges[-1]
+            if end <= last.start + len(last.block_ids) * self.block_size:
+                grown = TokenRange(last.rank, last.start, end, last.block_ids)
+                self._placements[request_id] = placement.with_last_range(grown)
+                return grown
+        ranges = list(placement.ranges)
         if ranges:  # fill the room in the last block
             last = ranges[-1]
             ranges[-1] = replace(last, end=min(end, last.start + len(last.block_ids)
                                                * self.block_size))
         covered = ranges[-1].end if ranges else 0
         if end > covered:
+            need = cdiv(end - covered, self.block_size)
             rank = min(self._groups[request_id], key=lambda r: (self.pools[r].num_used_blocks, r))
-            blocks = self.pools[rank].allocate(cdiv(end - covered, self.block_size))
+            if (request_id in self._sticky and ranges
+                    and self.pools[ranges[-1].rank].num_free_blocks >= need):
+                rank = ranges[-1].rank
+            blocks = self.pools[rank].allocate(need)
             if blocks is None:
                 return None
             if ranges and ranges[-1].rank == rank:
@@ -187,6 +220,7 @@ class DistributedKVCacheManager:
     def free(self, request_id: str) -> None:
         """Return all the request's blocks on every rank (a no-op for an unknown request)."""
         self._groups.pop(request_id, None)
+        self._sticky.discard(request_id)
         for r in getattr(self._placements.pop(request_id, None), "ranges", ()):
             self.pools[r.rank].free(list(r.block_ids))
 

@@ -32,10 +32,19 @@ class ScheduledRequest:
     # Sequence parallelism (sp_size > 1; the defaults mean one worker, KV in `block_ids`):
     # where the request's KV lives once this iteration has run, in position order; the SP rank
     # that runs its tokens (dense layers, sampling); and, for an SP prefill, the prompt's
-    # chunk length on each SP rank (sum = len(token_ids), chunk r runs on SP rank r).
+    # chunk length on each SP rank (sum = len(token_ids), chunk r runs on SP rank r; 0 = not
+    # in the prefill's group). NOTE: under loongserve an SP prefill's kv_ranges may differ
+    # from its chunks (scale-down: a rank keeps KV that passes it in the ring).
     kv_ranges: tuple[TokenRange, ...] = ()
     leader: int = 0
     sp_chunk_lens: tuple[int, ...] | None = None
+    # An SP prefill's per-request choices (the sps2 configurator's); None = the engine's
+    # ParallelConfig. sp_attention: ulysses|allgather_kv|ring|csa; csa_levels: group:stride
+    # pairs whose top group is the number of ranks with a nonzero chunk; csa_micro_batch:
+    # HEADSxTOKENS ("" = no pipelining).
+    sp_attention: str | None = None
+    csa_levels: str | None = None
+    csa_micro_batch: str | None = None
 
     @property
     def is_sp_prefill(self) -> bool:

@@ -4,7 +4,9 @@ A policy only decides; it calls the scheduler's helpers (`schedule_decode`, `sch
 `admit`) that do the KV bookkeeping. Policies (algorithms.md section 3):
 - `sarathi`: chunked prefill with stall-free hybrid batching (Sarathi-Serve).
 - `vllm`: prefill-first without chunking (the classic reference).
-- `sps2`: CSPS (algorithms.md §2): SP prefill of long prompts, decode separate from prefill.
+- `sps2`: CSPS (algorithms.md §2): SP prefill of long prompts, decode separate from prefill;
+  with a cost model each long prompt's SP configuration comes from configurator.py.
+- `loongserve`: elastic sequence parallelism (loongserve.py).
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from csps.config import SchedulerConfig
     from csps.request import Request
     from csps.scheduler.batch import BatchBuilder
+    from csps.scheduler.configurator import Sps2Configurator
+    from csps.scheduler.predictor import StepPredictor
     from csps.scheduler.scheduler import Scheduler
 
 
@@ -84,9 +90,11 @@ class Sps2Policy:
     name = "sps2"
     chunks_prefill = True
 
-    def __init__(self, long_prompt_threshold: int = 1024, hybrid_batching: bool = False) -> None:
+    def __init__(self, long_prompt_threshold: int = 1024, hybrid_batching: bool = False,
+                 configurator: Sps2Configurator | None = None) -> None:
         self.long_prompt_threshold = long_prompt_threshold
         self.hybrid_batching = hybrid_batching
+        self.configurator = configurator  # None: a long prompt prefills over the whole group
         self._last_was_prefill = False
 
     def schedule(self, scheduler: Scheduler, batch: BatchBuilder) -> None:
@@ -117,12 +125,28 @@ class Sps2Policy:
                 scheduler.schedule_prefill(request, batch, chunked=True)
         while scheduler.waiting and batch.token_budget > 0 and scheduler.can_run_more:
             head = scheduler.waiting[0]
-            if self._goes_sp(scheduler, head):
+            if self._goes_sp(scheduler, head) and self.configurator is None:
                 if batch.is_empty:
                     scheduler.admit_sequence_parallel(head, batch)
                 break
-            if not scheduler.admit_local(head, batch):
+            if self._goes_sp(scheduler, head):
+                if not self._admit_configured(scheduler, head, batch):
+                    break
+            elif not scheduler.admit_local(head, batch):
                 break
+
+    def _admit_configured(self, scheduler: Scheduler, request: Request,
+                          batch: BatchBuilder) -> bool:
+        """A long prompt as the configurator says: an SP prefill over its chosen group (alone
+        in an empty iteration), or the local chunked path on its chosen rank."""
+        choice = self.configurator.choose(scheduler, request)
+        if choice is None:
+            return False
+        if choice.degree == 1:
+            return scheduler.admit_local(request, batch, rank=choice.ranks[0])
+        if batch.is_empty:
+            scheduler.admit_sequence_parallel(request, batch, choice.plan)
+        return False  # an SP prefill ends the iteration's admissions
 
     def _goes_sp(self, scheduler: Scheduler, request: Request) -> bool:
         """Long enough for an SP prefill. NOTE: a prompt one rank cannot hold goes SP whatever
@@ -131,13 +155,27 @@ class Sps2Policy:
         return scheduler.sp_size > 1 and request.num_tokens >= max(threshold, scheduler.sp_size)
 
 
-POLICIES: dict[str, type] = {"sarathi": SarathiPolicy, "vllm": VllmPolicy, "sps2": Sps2Policy}
+POLICIES = ("sarathi", "vllm", "sps2", "loongserve")
 
 
-def make_policy(config: SchedulerConfig) -> SchedulingPolicy:
-    if config.policy not in POLICIES:
-        raise ValueError(f"unknown scheduler policy {config.policy!r}; choose from "
-                         f"{sorted(POLICIES)}")
+def make_policy(config: SchedulerConfig, predictor: StepPredictor | None = None,
+                allowed_degrees: Sequence[int] | None = None) -> SchedulingPolicy:
+    """The policy config.policy names. predictor: lets sps2 configure each long prompt and
+    loongserve fit its cost per degree (loongserve needs one); allowed_degrees: SP prefill
+    group sizes the workers can run (default {1, P})."""
+    if config.policy == "sarathi":
+        return SarathiPolicy()
+    if config.policy == "vllm":
+        return VllmPolicy()
     if config.policy == "sps2":
-        return Sps2Policy(config.long_prompt_threshold, config.hybrid_batching)
-    return POLICIES[config.policy]()
+        from csps.scheduler.configurator import Sps2Configurator
+
+        configurator = None if predictor is None else Sps2Configurator(
+            predictor, allowed_degrees, config.sps2_csa_candidates,
+            config.sps2_micro_batch_candidates)
+        return Sps2Policy(config.long_prompt_threshold, config.hybrid_batching, configurator)
+    if config.policy == "loongserve":
+        from csps.scheduler.loongserve import LoongServePolicy
+
+        return LoongServePolicy(predictor, allowed_degrees, config.loongserve_sp_batch)
+    raise ValueError(f"unknown scheduler policy {config.policy!r}; choose from {POLICIES}")

@@ -5,7 +5,9 @@ SchedulerOutput per iteration. The chosen policy decides; this class keeps the b
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from csps.config import SchedulerConfig
 from csps.kvcache.kv_cache_manager import KVCacheManager
@@ -14,7 +16,10 @@ from csps.request import Request, RequestStatus
 from csps.scheduler.batch import BatchBuilder
 from csps.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from csps.scheduler.policy import make_policy
-from csps.scheduler.sp_books import SequenceParallelBooks
+from csps.scheduler.sp_books import SequenceParallelBooks, SpPrefillPlan
+
+if TYPE_CHECKING:
+    from csps.scheduler.predictor import StepPredictor
 
 
 @dataclass
@@ -30,12 +35,18 @@ class RequestUpdate:
 class Scheduler(SequenceParallelBooks):
     def __init__(self, config: SchedulerConfig,
                  kv_cache_manager: KVCacheManager | DistributedKVCacheManager,
-                 max_model_len: int) -> None:
+                 max_model_len: int, predictor: StepPredictor | None = None,
+                 allowed_sp_degrees: Sequence[int] | None = None) -> None:
+        """predictor: prices candidate iterations for the policies that plan with a cost model
+        (sps2's configurator, loongserve). allowed_sp_degrees: SP prefill group sizes the
+        workers can run; default {1, P} (an SP prefill spans the whole group; 1 = a rank's
+        local prefill); the simulator may allow any of 1..P."""
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.max_model_len = max_model_len
         self.token_budget = config.token_budget(max_model_len)
-        self.policy = make_policy(config)
+        self.predictor = predictor
+        self.policy = make_policy(config, predictor, allowed_sp_degrees)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the newest
         self.requests: dict[str, Request] = {}
@@ -46,7 +57,7 @@ class Scheduler(SequenceParallelBooks):
         # Sequence parallelism (a DistributedKVCacheManager): each placed request's leader,
         # the SP rank that runs its tokens, and this iteration's SP prefills.
         self._leaders: dict[str, int] = {}
-        self._sp_prefills: set[str] = set()
+        self._sp_prefills: dict[str, SpPrefillPlan] = {}
 
     # ---- queue management -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -135,7 +146,7 @@ class Scheduler(SequenceParallelBooks):
         batch.remove(request)
         self.kv_cache_manager.free(request.request_id)
         self._leaders.pop(request.request_id, None)
-        self._sp_prefills.discard(request.request_id)
+        self._sp_prefills.pop(request.request_id, None)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1

@@ -5,6 +5,7 @@ placement fields of a ScheduledRequest. No torch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from csps.kvcache.placement import DistributedKVCacheManager, split_prompt
@@ -14,6 +15,21 @@ if TYPE_CHECKING:
     from csps.request import Request
     from csps.scheduler.batch import BatchBuilder
     from csps.scheduler.output import ScheduledRequest
+
+
+@dataclass(frozen=True)
+class SpPrefillPlan:
+    """How one SP prefill runs. chunk_lens: tokens computed per SP rank, in rank order (0 = not
+    in the group); kv_lens / kv_ranks: where its KV stays, in position order (empty: where it
+    is computed; ranks listed with 0 tokens join its decode group, so decode KV may grow
+    there); the rest: per-request attention choices (None = the engine's)."""
+
+    chunk_lens: tuple[int, ...]
+    kv_lens: tuple[int, ...] = ()
+    kv_ranks: tuple[int, ...] = ()
+    sp_attention: str | None = None
+    csa_levels: str | None = None
+    csa_micro_batch: str | None = None
 
 
 class SequenceParallelBooks:
@@ -35,36 +51,67 @@ class SequenceParallelBooks:
         blocks = manager.pools[0].num_blocks if self.is_distributed else manager.num_total_blocks
         return blocks * manager.block_size
 
-    def admit_sequence_parallel(self, request: Request, batch: BatchBuilder) -> bool:
-        """Admit the waiting head as an SP prefill: its prompt split over every SP rank, all of
-        it in this iteration, which it takes whole. The last rank, holding the last token,
-        samples its first token; its decodes are then led by the rank leading the fewest
-        requests (a decode step needs only the token id, not the prefill's hidden state).
-        False (nothing changes) if any rank lacks the blocks for its chunk."""
-        ranks = list(range(self.sp_size))
-        chunk_lens = split_prompt(request.num_tokens, len(ranks), self.kv_cache_manager.block_size)
-        if min(chunk_lens) < 1 or not batch.is_empty:
+    def admit_sequence_parallel(self, request: Request, batch: BatchBuilder,
+                                plan: SpPrefillPlan | None = None, alone: bool = True) -> bool:
+        """Admit the waiting head as an SP prefill: its whole prompt in this iteration, chunk r
+        computed on SP rank r (default plan: split over every rank, KV where it is computed).
+        With `alone` (the workers' rule) it takes the iteration whole. The last computing rank,
+        holding the last token, samples its first token; its decodes are then led by the
+        KV-holding rank leading the fewest requests (a decode step needs only the token id,
+        not the prefill's hidden state). False (nothing changes) if the KV does not fit."""
+        if plan is None:
+            plan = SpPrefillPlan(tuple(split_prompt(request.num_tokens, self.sp_size,
+                                                    self.kv_cache_manager.block_size)))
+            if min(plan.chunk_lens) < 1:
+                return False
+        if sum(plan.chunk_lens) != request.num_tokens or (alone and not batch.is_empty) or (
+                not alone and request.num_tokens > batch.token_budget):
             return False
-        if self.kv_cache_manager.allocate_prefill(request.request_id, chunk_lens, ranks) is None:
+        kv_lens, kv_ranks = plan.kv_lens or plan.chunk_lens, plan.kv_ranks or range(self.sp_size)
+        if self.kv_cache_manager.allocate_prefill(request.request_id, kv_lens, kv_ranks) is None:
             return False
-        counts = [0] * self.sp_size
-        for rank in self._leaders.values():
-            counts[rank] += 1
-        self._start(request, leader=min(ranks, key=lambda r: (counts[r], -r)))
-        self._sp_prefills.add(request.request_id)
-        batch.token_budget = request.num_tokens  # NOTE: an SP prefill is a whole iteration
+        holders = [r for n, r in zip(kv_lens, kv_ranks, strict=True) if n]
+        self._start(request, leader=self.least_busy_leader(holders))
+        self._sp_prefills[request.request_id] = plan
+        if alone:
+            batch.token_budget = request.num_tokens  # NOTE: an SP prefill is a whole iteration
         batch.add(request, request.num_tokens)
         return True
 
-    def admit_local(self, request: Request, batch: BatchBuilder) -> bool:
-        """Admit the waiting head onto the SP rank with the most free blocks (it leads the
-        request and holds all its prompt KV) and schedule its first chunk."""
+    def leader_of(self, request_id: str) -> int:
+        """The SP rank leading a placed request (0 when not placed)."""
+        return self._leaders.get(request_id, 0)
+
+    def set_leader(self, request_id: str, rank: int) -> None:
+        """Hand a decoding request's mastership to another rank (loongserve's rebalancing)."""
+        if request_id not in self._leaders or not 0 <= rank < self.sp_size:
+            raise ValueError(f"cannot make rank {rank} lead {request_id!r}")
+        self._leaders[request_id] = rank
+
+    def least_busy_leader(self, ranks: list[int]) -> int:
+        """The rank of `ranks` leading the fewest requests (ties: the highest rank)."""
+        counts = [0] * self.sp_size
+        for rank in self._leaders.values():
+            counts[rank] += 1
+        return min(ranks, key=lambda r: (counts[r], -r))
+
+    def admit_local(self, request: Request, batch: BatchBuilder, rank: int | None = None,
+                    chunked: bool = True, spill: bool = False) -> bool:
+        """Admit the waiting head onto one SP rank (default: the one with the most free blocks),
+        which leads it and holds all its prompt KV, and schedule its first chunk (or, unchunked,
+        its whole prompt). With `spill` its decode KV moves onto another rank of the SP group
+        once its rank runs out of blocks (loongserve's scale-up); else it stays on that rank."""
         manager = self.kv_cache_manager
-        rank = max(range(self.sp_size), key=lambda r: (manager.pools[r].num_free_blocks, -r))
-        if manager.allocate_prefill(request.request_id, [request.num_tokens], [rank]) is None:
+        if rank is None:
+            rank = max(range(self.sp_size), key=lambda r: (manager.pools[r].num_free_blocks, -r))
+        if not chunked and request.num_tokens > batch.token_budget:
+            return False
+        others = [r for r in range(self.sp_size) if r != rank] if spill else []
+        lens, ranks = [request.num_tokens] + [0] * len(others), [rank] + others
+        if manager.allocate_prefill(request.request_id, lens, ranks, sticky=spill) is None:
             return False
         self._start(request, leader=rank)
-        return self.schedule_prefill(request, batch, chunked=True)
+        return self.schedule_prefill(request, batch, chunked=chunked)
 
     def _start(self, request: Request, leader: int) -> None:
         self.waiting.popleft()
@@ -77,9 +124,13 @@ class SequenceParallelBooks:
         placement = self.kv_cache_manager.placement(scheduled.request_id)
         scheduled.kv_ranges = placement.ranges
         scheduled.leader = self._leaders[scheduled.request_id]
-        if scheduled.request_id in self._sp_prefills:
-            scheduled.leader = self.sp_size - 1  # holds the last token: samples the first
-            scheduled.sp_chunk_lens = tuple(placement.tokens_on(r)
-                                            for r in range(self.sp_size))
+        plan = self._sp_prefills.get(scheduled.request_id)
+        if plan is not None:
+            scheduled.sp_chunk_lens = plan.chunk_lens
+            # the last computing rank holds the last token: it samples the first
+            scheduled.leader = max(r for r, n in enumerate(plan.chunk_lens) if n)
+            scheduled.sp_attention = plan.sp_attention
+            scheduled.csa_levels = plan.csa_levels
+            scheduled.csa_micro_batch = plan.csa_micro_batch
         elif len(placement.ranks) == 1:  # all on the leader: a plain block table there
             scheduled.block_ids = [b for r in placement.ranges for b in r.block_ids]

@@ -1,0 +1,287 @@
+"""The loongserve policy: LoongServe's elastic sequence parallelism (algorithms.md §3) on the
+scheduler's SP books, within what the workers run. No torch.
+
+Each iteration:
+1. Admission (FCFS, no overtaking): waiting requests join this iteration's prefill while their
+   KV (prompt + decode headroom) fits the free pools and LoongServe's test passes: a request
+   the idle ranks (holding no decode KV) can serve is admitted when running it there now is at
+   most the expected wait slower than on every rank (T_idle - T_all <= wait); one that needs
+   decode ranks is admitted when pausing the decodes costs no more than waiting costs the
+   prompts (T_all * sum_decodes 1/out_len <= wait * sum_prompts 1/len). wait = the decodes'
+   mean remaining max_tokens x one predicted decode iteration.
+2. Batching: the DP of loongserve_batching.py over the ranks, idle ranks first (most free
+   first), then decode ranks by their decodes' sum of 1/out_len.
+3. Instance borrowing: the plan may use decode ranks one at a time only while the predicted
+   gain, the drop in sum TTFT/len, beats the paused decodes' loss, the plan's time x their sum
+   of 1/out_len. Decodes touching a borrowed rank the plan uses skip the iteration.
+4. A group of one rank is local prefills of whole prompts; a larger group is one ring SP
+   prefill (with max_sp_batch 1) whose KV the ring leaves on the fewest of its ranks, most free
+   first, that hold the prompt plus decode headroom (scale-down, scale_down_plan). An SP
+   prefilled request's decode group is the whole SP group: its decode KV grows on the
+   least-loaded rank (scale-up). A local request's decode KV stays on its rank while that
+   has room and then moves to the least-loaded rank (a "sticky" placement: LoongServe scales
+   up under memory pressure only). Masters are rebalanced under compute pressure
+   (rebalance_masters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from csps.kvcache.kv_cache_manager import cdiv
+from csps.kvcache.placement import split_prompt
+from csps.scheduler.loongserve_batching import (
+    PrefillGroup,
+    PrefillPlan,
+    fit_prefill_cost,
+    plan_prefill,
+)
+from csps.scheduler.sp_books import SpPrefillPlan
+
+if TYPE_CHECKING:
+    from csps.request import Request
+    from csps.scheduler.batch import BatchBuilder
+    from csps.scheduler.predictor import StepPredictor
+    from csps.scheduler.scheduler import Scheduler
+
+
+class LoongServePolicy:
+    name = "loongserve"
+    chunks_prefill = False  # prompts prefill whole
+
+    def __init__(self, predictor: StepPredictor | None, allowed_degrees: Sequence[int] | None
+                 = None, max_sp_batch: int = 1, decode_headroom: int = 256,
+                 max_new_per_iteration: int = 8, sp_prefill_alone: bool = True) -> None:
+        if predictor is None:
+            raise ValueError("the loongserve policy needs a cost model (--cost-model)")
+        self.predictor = predictor
+        self.allowed_degrees = tuple(allowed_degrees) if allowed_degrees else None
+        self.max_sp_batch = max_sp_batch
+        self.decode_headroom = decode_headroom  # KV tokens kept free per request for decode
+        self.max_new_per_iteration = max_new_per_iteration  # bounds the DP's size
+        self.sp_prefill_alone = sp_prefill_alone  # the workers run an SP prefill alone
+        self.fits = None  # degree -> PrefillCostFit, fitted on the first schedule()
+
+    def fit(self, sp_size: int, max_len: int, block_size: int) -> None:
+        """Fit T_m = A + B*sum(l) + C*sum(l^2) per allowed degree m on predictor samples."""
+        degrees = sorted({d for d in self.allowed_degrees or (1, sp_size) if 1 <= d <= sp_size})
+        lengths = sorted({max(block_size, max_len >> s) for s in range(8)})
+        self.fits = {}
+        for m in degrees:
+            samples = []
+            for n in lengths:
+                if m == 1:
+                    for batch in ([n], [n, n], [n, max(1, n // 2)]):
+                        chunks = [(0, x, 0) for x in batch]
+                        samples.append((batch, self.predictor.local_prefill_time(chunks)))
+                else:
+                    lens = split_prompt(n, m, block_size) + [0] * (sp_size - m)
+                    samples.append(([n], self.predictor.sp_prefill_time(lens)))
+            self.fits[m] = fit_prefill_cost(samples)
+
+    def schedule(self, scheduler: Scheduler, batch: BatchBuilder) -> None:
+        if self.fits is None:
+            self.fit(scheduler.sp_size, scheduler.max_model_len,
+                     scheduler.kv_cache_manager.block_size)
+        decodes = [r for r in scheduler.running if not r.is_prefill]
+        admitted = self.admit(scheduler, decodes)
+        plan, paused_ranks = self.plan(scheduler, admitted, decodes) if admitted else (None, ())
+        where = self._placements(scheduler, plan, admitted)
+        if not (self.sp_prefill_alone and any(len(g.ranks) > 1 for g in where.values())):
+            self.rebalance_masters(scheduler, decodes)
+            for request in decodes:
+                if (request in scheduler.running and not self._touches(scheduler, request,
+                                                                       paused_ranks)
+                        and not scheduler.schedule_decode(request, batch)):
+                    break
+        self._start(scheduler, batch, where)
+
+    # ---- admission and borrowing ------------------------------------------------------------
+    def admit(self, scheduler: Scheduler, decodes: list[Request]) -> list[Request]:
+        """The FCFS prefix of the waiting queue this iteration prefills (LoongServe's test)."""
+        manager, budget = scheduler.kv_cache_manager, scheduler.token_budget
+        free = manager.total_free_tokens()
+        wait_s = self.expected_wait(scheduler, decodes)
+        idle = self.idle_ranks(scheduler, decodes)
+        decode_weight = sum(1 / max(1, len(r.output_token_ids)) for r in decodes)
+        admitted: list[Request] = []
+        borrow_weight = 0.0
+        for request in list(scheduler.waiting)[:self.max_new_per_iteration]:
+            if (len(scheduler.running) + len(admitted) >= scheduler.config.max_num_seqs
+                    or sum(r.num_tokens for r in admitted) + request.num_tokens > budget):
+                break
+            trial = admitted + [request]
+            if sum(self.need(scheduler, r) for r in trial) > free:
+                break
+            plans = self._plans(scheduler, trial, self.rank_order(scheduler, decodes))
+            on_idle, on_all = plans[len(idle)], plans[-1]
+            if on_all is None:
+                break
+            if on_idle is not None:
+                if on_idle.time_s - on_all.time_s > wait_s:
+                    break
+            else:
+                borrow_weight += 1 / request.num_tokens
+                if on_all.time_s * decode_weight > wait_s * borrow_weight:
+                    break
+            admitted.append(request)
+        return admitted
+
+    def plan(self, scheduler: Scheduler, admitted: list[Request],
+             decodes: list[Request]) -> tuple[PrefillPlan | None, set[int]]:
+        """The batching plan and the decode ranks it borrows (instance-borrowing test)."""
+        order = self.rank_order(scheduler, decodes)
+        plans = self._plans(scheduler, admitted, order)
+        j = len(self.idle_ranks(scheduler, decodes))
+        while j < len(order) and plans[j] is None:
+            j += 1  # the idle ranks cannot serve it: borrow until the plan fits
+        while j < len(order) and plans[j] is not None and plans[j + 1] is not None:
+            gain = plans[j].cost - plans[j + 1].cost
+            paused = [r for r in decodes if self._touches(scheduler, r, {order[j]})]
+            loss = plans[j + 1].time_s * sum(1 / max(1, len(r.output_token_ids))
+                                             for r in paused)
+            if gain <= loss:
+                break
+            j += 1
+        plan = plans[min(j, len(order))]
+        used = {rank for g in plan.groups for rank in g.ranks} if plan else set()
+        idle = set(self.idle_ranks(scheduler, decodes))
+        return plan, used - idle
+
+    def expected_wait(self, scheduler: Scheduler, decodes: list[Request]) -> float:
+        """Seconds until the decodes free their ranks: their mean remaining max_tokens steps
+        times one predicted decode iteration (0 without decodes)."""
+        if not decodes:
+            return 0.0
+        steps = sum(max(1, r.max_tokens - len(r.output_token_ids)) for r in decodes)
+        step_s = self.predictor.decode_time([(scheduler.leader_of(r.request_id), r.num_tokens)
+                                             for r in decodes])
+        return steps / len(decodes) * step_s
+
+    def idle_ranks(self, scheduler: Scheduler, decodes: list[Request]) -> list[int]:
+        """Ranks no decode uses (holds KV or leads), most free first."""
+        busy = set()
+        for request in decodes:
+            busy |= self._ranks_of(scheduler, request)
+        pools = scheduler.kv_cache_manager.pools
+        return sorted((r for r in range(scheduler.sp_size) if r not in busy),
+                      key=lambda r: (-pools[r].num_free_blocks, r))
+
+    def rank_order(self, scheduler: Scheduler, decodes: list[Request]) -> list[int]:
+        """Idle ranks (most free first), then decode ranks, cheapest to pause first."""
+        idle = self.idle_ranks(scheduler, decodes)
+        weight = dict.fromkeys(range(scheduler.sp_size), 0.0)
+        for request in decodes:
+            for rank in self._ranks_of(scheduler, request):
+                weight[rank] += 1 / max(1, len(request.output_token_ids))
+        pools = scheduler.kv_cache_manager.pools
+        busy = sorted((r for r in range(scheduler.sp_size) if r not in idle),
+                      key=lambda r: (weight[r], -pools[r].num_free_blocks, r))
+        return idle + busy
+
+    def need(self, scheduler: Scheduler, request: Request) -> int:
+        """KV tokens a request must find free: its prompt in blocks plus decode headroom
+        (none for a request alone on an idle engine, so one that fits is never refused)."""
+        block = scheduler.kv_cache_manager.block_size
+        headroom = 0 if not scheduler.running else min(request.max_tokens, self.decode_headroom)
+        return cdiv(request.num_tokens + headroom, block) * block
+
+    def _plans(self, scheduler: Scheduler, requests: list[Request],
+               order: list[int]) -> list[PrefillPlan | None]:
+        ordered = sorted_by_length(requests)
+        pools, block = scheduler.kv_cache_manager.pools, scheduler.kv_cache_manager.block_size
+        return plan_prefill([r.num_tokens for r in ordered],
+                            [self.need(scheduler, r) for r in ordered], order,
+                            lambda rank: pools[rank].num_free_blocks * block, self.fits,
+                            self.max_sp_batch)
+
+    # ---- carrying out the plan --------------------------------------------------------------
+    def _placements(self, scheduler: Scheduler, plan: PrefillPlan | None,
+                    admitted: list[Request]) -> dict[str, PrefillGroup]:
+        """request id -> its group. When an SP prefill must run alone, only the waiting head's
+        SP group (just the head) or else only the local groups."""
+        if plan is None:
+            return {}
+        ordered = sorted_by_length(admitted)
+        where = {ordered[i].request_id: g for g in plan.groups for i in g.requests}
+        if self.sp_prefill_alone and any(len(g.ranks) > 1 for g in plan.groups):
+            head = scheduler.waiting[0].request_id
+            if len(where[head].ranks) > 1:
+                return {head: where[head]}
+            return {rid: g for rid, g in where.items() if len(g.ranks) == 1}
+        return where
+
+    def _start(self, scheduler: Scheduler, batch: BatchBuilder,
+               where: dict[str, PrefillGroup]) -> None:
+        """Admit the planned requests in FCFS order (each is then the waiting head)."""
+        while scheduler.waiting and scheduler.waiting[0].request_id in where:
+            request = scheduler.waiting[0]
+            group = where.pop(request.request_id)
+            if len(group.ranks) == 1:
+                ok = scheduler.admit_local(request, batch, rank=group.ranks[0], chunked=False,
+                                           spill=True)
+            else:
+                ok = scheduler.admit_sequence_parallel(
+                    request, batch, self.scale_down_plan(scheduler, request, group.ranks),
+                    alone=self.sp_prefill_alone)
+            if not ok:
+                return
+
+    def scale_down_plan(self, scheduler: Scheduler, request: Request,
+                        group: Sequence[int]) -> SpPrefillPlan:
+        """Chunks computed over the group in rank order; KV kept on the fewest group ranks, most
+        free first, whose free blocks hold the prompt plus headroom, each filled in turn; every
+        other SP rank joins the decode group with 0 tokens (scale-up room)."""
+        manager, n = scheduler.kv_cache_manager, request.num_tokens
+        members = sorted(group)
+        chunk_lens = [0] * scheduler.sp_size
+        for rank, length in zip(members, split_prompt(n, len(members), manager.block_size),
+                                strict=True):
+            chunk_lens[rank] = length
+        by_free = sorted(group, key=lambda r: (-manager.pools[r].num_free_blocks, r))
+        need, kept, room = self.need(scheduler, request), [], 0
+        for rank in by_free:
+            if room >= need and room >= n:
+                break
+            kept.append(rank)
+            room += manager.pools[rank].num_free_blocks * manager.block_size
+        kv_lens, left = [], n
+        for rank in kept:
+            take = min(left, manager.pools[rank].num_free_blocks * manager.block_size)
+            kv_lens.append(take)
+            left -= take
+        others = [r for r in range(scheduler.sp_size) if r not in kept]
+        return SpPrefillPlan(tuple(chunk_lens), tuple(kv_lens) + (0,) * len(others),
+                             tuple(kept + others))
+
+    def rebalance_masters(self, scheduler: Scheduler, decodes: list[Request]) -> None:
+        """Compute pressure: while one rank leads 2+ more decodes than another, hand the
+        newest of its decodes that holds KV on the least busy rank to that rank."""
+        counts = dict.fromkeys(range(scheduler.sp_size), 0)
+        for request in decodes:
+            counts[scheduler.leader_of(request.request_id)] += 1
+        for _ in range(len(decodes)):
+            busiest, idlest = max(counts, key=counts.get), min(counts, key=counts.get)
+            if counts[busiest] - counts[idlest] <= 1:
+                return
+            movable = [r for r in reversed(decodes)
+                       if scheduler.leader_of(r.request_id) == busiest
+                       and idlest in scheduler.kv_cache_manager.placement(r.request_id).ranks]
+            if not movable:
+                return
+            scheduler.set_leader(movable[0].request_id, idlest)
+            counts[busiest] -= 1
+            counts[idlest] += 1
+
+    def _ranks_of(self, scheduler: Scheduler, request: Request) -> set[int]:
+        placement = scheduler.kv_cache_manager.placement(request.request_id)
+        return set(placement.ranks) | {scheduler.leader_of(request.request_id)}
+
+    def _touches(self, scheduler: Scheduler, request: Request, ranks) -> bool:
+        return bool(ranks) and bool(self._ranks_of(scheduler, request) & set(ranks))
+
+
+def sorted_by_length(requests: list[Request]) -> list[Request]:
+    """Longest first (the DP's order); ties keep FCFS order."""
+    return sorted(requests, key=lambda r: -r.num_tokens)

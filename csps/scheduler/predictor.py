@@ -1,0 +1,132 @@
+"""StepPredictor: predicted seconds of the iterations a policy considers, priced by a cost model.
+
+A thin layer over csps/costmodel (work.py counts each rank's work, the CostModel prices it) so
+the sps2 configurator and the loongserve policy can ask "how long would this take" without
+building a SchedulerOutput by hand. No torch (the cost models are pure Python).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from csps.kvcache.placement import TokenRange
+from csps.request import SamplingParams
+from csps.scheduler.output import ScheduledRequest, SchedulerOutput
+
+if TYPE_CHECKING:
+    from csps.config import ParallelConfig
+    from csps.costmodel.base import CostModel, RankWork
+    from csps.costmodel.shape import ModelShape
+
+_PARAMS = SamplingParams()
+
+
+class StepPredictor:
+    def __init__(self, cost_model: CostModel, shape: ModelShape, parallel: ParallelConfig,
+                 block_size: int) -> None:
+        self.cost_model = cost_model
+        self.shape = shape
+        self.parallel = parallel
+        self.block_size = block_size
+
+    @property
+    def sp_size(self) -> int:
+        return self.parallel.sequence_parallel_size
+
+    def sp_prefill_time(self, chunk_lens: Sequence[int], sp_attention: str | None = None,
+                        csa_levels: str | None = None,
+                        csa_micro_batch: str | None = None) -> float:
+        """One prompt prefilled alone over the ranks with nonzero chunk_lens (one length per
+        SP rank, in rank order); None choices are the engine's ParallelConfig."""
+        return self.cost_model.iteration_time(
+            self._sp_works(chunk_lens, sp_attention, csa_levels, csa_micro_batch))
+
+    def local_prefill_time(self, chunks: Sequence[tuple[int, int, int]]) -> float:
+        """Prompt chunks each run whole on one rank: (rank, num_new_tokens, num_computed)."""
+        requests = [_scheduled(f"p{i}", rank, n, cached, cached + n)
+                    for i, (rank, n, cached) in enumerate(chunks)]
+        return self.iteration_time(SchedulerOutput(0, requests))
+
+    def decode_time(self, decodes: Sequence[tuple[int, int]]) -> float:
+        """One decode step of requests given as (leader, context_len), KV on the leader."""
+        requests = [_scheduled(f"d{i}", rank, 1, n - 1, n)
+                    for i, (rank, n) in enumerate(decodes)]
+        return self.iteration_time(SchedulerOutput(0, requests))
+
+    def iteration_time(self, output: SchedulerOutput) -> float:
+        """Seconds of a whole iteration. SP prefills are priced with their own choices; work
+        on disjoint rank groups in one iteration (the simulator's sub-group prefills) adds up
+        per rank."""
+        from csps.costmodel.work import iteration_work
+
+        sp_prefills = [r for r in output.scheduled_requests if r.is_sp_prefill]
+        rest = [r for r in output.scheduled_requests if not r.is_sp_prefill]
+        works = iteration_work(SchedulerOutput(output.iteration, rest), self.shape,
+                               self.parallel, self.block_size) if rest or not sp_prefills else []
+        for request in sp_prefills:
+            part = self._sp_works(request.sp_chunk_lens, request.sp_attention,
+                                  request.csa_levels, request.csa_micro_batch)
+            part[request.leader].num_sampled = int(request.do_sample)
+            works = part if not works else [_add(a, b) for a, b in zip(works, part, strict=True)]
+        return self.cost_model.iteration_time(works)
+
+    def _sp_works(self, chunk_lens: Sequence[int], sp_attention: str | None,
+                  csa_levels: str | None, csa_micro_batch: str | None) -> list[RankWork]:
+        from csps.costmodel.work import sp_prefill_work
+
+        parallel = self.parallel
+        attention = sp_attention or parallel.sp_attention
+        if csa_micro_batch is not None and attention == "csa":
+            parallel = dataclasses.replace(parallel, csa_micro_batch=csa_micro_batch)
+        if attention == "csa" and csa_levels is None:
+            degree = sum(1 for n in chunk_lens if n)
+            csa_levels = parallel.resolved_csa_levels if degree == self.sp_size \
+                else f"1:1,{degree}:2"
+        return sp_prefill_work(list(chunk_lens), self.shape, parallel, attention, csa_levels)
+
+
+def _scheduled(request_id: str, rank: int, num_new: int, cached: int,
+               total: int) -> ScheduledRequest:
+    """A stand-in request whose whole KV (total tokens) lives on `rank`, which leads it."""
+    return ScheduledRequest(request_id, [0] * num_new, cached, [], _PARAMS, do_sample=True,
+                            kv_ranges=(TokenRange(rank, 0, total, ()),), leader=rank)
+
+
+def _add(a: RankWork, b: RankWork) -> RankWork:
+    """Two works on one rank in one iteration (counts add up)."""
+    comm = dict(a.comm_bytes)
+    for phase, num_bytes in b.comm_bytes.items():
+        comm[phase] = comm.get(phase, 0) + num_bytes
+    return dataclasses.replace(
+        a, num_tokens=a.num_tokens + b.num_tokens, num_seqs=a.num_seqs + b.num_seqs,
+        num_sampled=a.num_sampled + b.num_sampled, attn_pairs=a.attn_pairs + b.attn_pairs,
+        decode_kv_tokens=a.decode_kv_tokens + b.decode_kv_tokens, comm_bytes=comm,
+        num_collectives=a.num_collectives + b.num_collectives,
+        overlappable_bytes=a.overlappable_bytes + b.overlappable_bytes)
+
+
+BUNDLED_PROFILE = Path(__file__).resolve().parent.parent / "costmodel" / "profiles" / \
+    "cpu-smollm2-135m-sp2.json"
+
+
+def build_predictor(cost_model_path: str, model_dir: str | Path, parallel: ParallelConfig,
+                    block_size: int, dtype: str, policy: str = "sps2") -> StepPredictor | None:
+    """The engine's predictor: the cost model at cost_model_path, the model's config.json and
+    the engine's ParallelConfig; None for "none". "" means: none for sps2 (its threshold rule,
+    predictable on any model and machine), the bundled CPU profile for loongserve, which cannot
+    schedule without one (None if the profile is absent: loongserve then refuses to start).
+    dtype: the resolved activation dtype name (float32 -> 4 bytes, else 2)."""
+    from csps.costmodel.load import load_cost_model
+    from csps.costmodel.shape import ModelShape
+
+    if cost_model_path == "none" or (not cost_model_path and policy != "loongserve"):
+        return None
+    path = Path(cost_model_path) if cost_model_path else BUNDLED_PROFILE
+    if not cost_model_path and not path.exists():
+        return None
+    shape = ModelShape.from_config_file(Path(model_dir) / "config.json",
+                                        dtype_bytes=4 if dtype == "float32" else 2)
+    return StepPredictor(load_cost_model(path), shape, parallel, block_size)
