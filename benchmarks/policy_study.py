@@ -31,11 +31,15 @@ import httpx
 
 from csps.parallel.groups import find_free_port
 
+# sps2's configurator and loongserve price iterations with the profile fitted on this machine
+PROFILE = "csps/costmodel/profiles/cpu-smollm2-135m-sp2.json"
 # label -> `csps serve` flags (besides the model, host and port)
 SERVERS = {
     "sarathi": ["-tp", "2", "--scheduler", "sarathi"],
-    "sps2-dense": ["-sp", "2", "--scheduler", "sps2", "--sp-attention", "ulysses"],
-    "sps2-csa": ["-sp", "2", "--scheduler", "sps2", "--sp-attention", "csa"],
+    "sps2-dense": ["-sp", "2", "--scheduler", "sps2", "--sp-attention", "ulysses",
+                   "--cost-model", PROFILE],
+    "sps2-csa": ["-sp", "2", "--scheduler", "sps2", "--sp-attention", "csa",
+                 "--cost-model", PROFILE],
     "loongserve": ["-sp", "2", "--scheduler", "loongserve", "--sp-attention", "ring"],
 }
 FIGURES = ("avg TTFT", "TBT (mean ITL)", "response time", "prefill throughput",

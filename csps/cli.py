@@ -40,6 +40,7 @@ FLAG_NAMES = {
     "policy": ("--scheduler",),
     "tensor_parallel_size": ("--tensor-parallel-size", "-tp"),
     "sequence_parallel_size": ("--sequence-parallel-size", "-sp"),
+    "sp_attention": ("--sp-attention", "--sparse-attention"),  # `--sparse-attention csa`
 }
 CHOICES = {"policy": SCHEDULER_POLICIES, "dtype": DTYPES, "device": ("auto", "cpu", "cuda"),
            "sp_attention": SP_ATTENTION_ALGORITHMS, "sp_decode": SP_DECODE_MODES,
