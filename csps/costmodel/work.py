@@ -76,8 +76,10 @@ def iteration_work(output: SchedulerOutput, shape: ModelShape, parallel: Paralle
 def _held(request: ScheduledRequest) -> dict[int, int]:
     """SP rank -> tokens of the request's KV it holds after this step (new token included)."""
     held: dict[int, int] = {}
+    get = held.get  # NOTE: hot (every range of every spread decode, every iteration)
     for r in request.kv_ranges:
-        held[r.rank] = held.get(r.rank, 0) + r.end - r.start
+        rank = r.rank
+        held[rank] = get(rank, 0) + r.end - r.start
     return held
 
 

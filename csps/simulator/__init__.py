@@ -2,5 +2,6 @@
 only time is simulated, through the cost-model interface (csps/costmodel). No torch.
 
 `loop` (events, the Simulator), `timer` (SchedulerOutput -> seconds), `cluster` (KV blocks per
-rank, one Scheduler per replica), `result` (bench-serve JSON plus simulator figures), `cli`.
+rank, one Scheduler per replica), `result` (bench-serve JSON plus scheduling delays and
+simulator figures), `capacity` (the highest rate within SLOs, `csps simulate --capacity`), `cli`.
 """
