@@ -99,7 +99,7 @@ def test_ranks_are_borrowed_from_decodes_only_when_the_test_passes(cost, borrows
     assert [r.request_id for r in admitted] == ["b"]
     plans = policy._plans(sched, admitted, policy.rank_order(sched, decodes))
     gain = plans[1].cost - plans[2].cost
-    loss = plans[2].time_s * 1 / len(sched.requests["a"].output_token_ids)
+    loss = plans[2].time_s * 1 / sched.requests["a"].num_tokens  # a's whole length so far
     assert (gain > loss) == borrows
     out = step(sched)
     ids = {(r.request_id, r.is_sp_prefill) for r in out.scheduled_requests}
@@ -111,8 +111,8 @@ def test_ranks_are_borrowed_from_decodes_only_when_the_test_passes(cost, borrows
 
 @pytest.mark.parametrize("max_tokens,admitted", [(202, False), (600, True)])
 def test_admission_waits_when_the_decodes_finish_soon(max_tokens, admitted):
-    # one rank: 'b' can only run by pausing 'a' (200 tokens out); it is admitted when its
-    # prefill, weighted by 1/200, costs less than waiting for 'a' weighted by 1/len(b)
+    # one rank: 'b' can only run by pausing 'a' (8 + 200 tokens); it is admitted when its
+    # prefill, weighted by 1/208, costs less than waiting for 'a' weighted by 1/len(b)
     sched, _ = loong(1, FakeCostModel(per_token=1e-3, per_pair=1e-5), num_blocks=256)
     sched.add_request(make_request("a", 8, max_tokens=max_tokens))
     for _ in range(200):
@@ -178,3 +178,21 @@ def test_random_workloads_with_aborts_finish_without_leaking_kv(sp_size, simulat
         sp = [r for r in out.scheduled_requests if r.is_sp_prefill]
         if sp and not simulator:
             assert len(out.scheduled_requests) == 1  # the workers run an SP prefill alone
+
+
+def test_long_prompts_are_not_starved_by_steady_decodes():
+    # both ranks decode requests with long prompts; a long prompt arrives. Pausing a decode
+    # costs its normalised latency 1/(its whole length, prompt + output) per second, as the
+    # waiting prompt's delay costs it 1/len: with decodes far from done, admit it now
+    # (weighting a decode by 1/(tokens output so far) would starve the prompt for ~2000 steps)
+    predictor = make_predictor(2, FakeCostModel(per_token=1e-3, per_pair=1e-6),
+                               sp_attention="ring")
+    sched = make_scheduler("loongserve", 2, predictor, num_blocks=2048, max_len=4096)
+    for rid in ("a", "b"):
+        sched.add_request(make_request(rid, 400, max_tokens=2000))
+    for _ in range(20):
+        step(sched)
+    assert all(r.num_computed_tokens > 400 for r in sched.running)  # both decoding
+    sched.add_request(make_request("long", 800))
+    assert "long" in {r.request_id for r in step(sched).scheduled_requests}
+    assert {"a", "b"} <= set(sched.requests)

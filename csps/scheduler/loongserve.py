@@ -7,13 +7,14 @@ Each iteration:
    the idle ranks (holding no decode KV) can serve is admitted when running it there now is at
    most the expected wait slower than on every rank (T_idle - T_all <= wait); one that needs
    decode ranks is admitted when pausing the decodes costs no more than waiting costs the
-   prompts (T_all * sum_decodes 1/out_len <= wait * sum_prompts 1/len). wait = the decodes'
-   mean remaining max_tokens x one predicted decode iteration.
+   prompts (T_all * sum_decodes 1/len <= wait * sum_prompts 1/len, len = a request's whole
+   length so far, prompt plus output: the delay's cost to its normalised latency). wait = the
+   decodes' mean remaining max_tokens x one predicted decode iteration.
 2. Batching: the DP of loongserve_batching.py over the ranks, idle ranks first (most free
-   first), then decode ranks by their decodes' sum of 1/out_len.
+   first), then decode ranks by their decodes' sum of 1/len.
 3. Instance borrowing: the plan may use decode ranks one at a time only while the predicted
    gain, the drop in sum TTFT/len, beats the paused decodes' loss, the plan's time x their sum
-   of 1/out_len. Decodes touching a borrowed rank the plan uses skip the iteration.
+   of 1/len. Decodes touching a borrowed rank the plan uses skip the iteration.
 4. A group of one rank is local prefills of whole prompts; a larger group is one ring SP
    prefill (with max_sp_batch 1) whose KV the ring leaves on the fewest of its ranks, most free
    first, that hold the prompt plus decode headroom (scale-down, scale_down_plan). An SP
@@ -104,7 +105,7 @@ class LoongServePolicy:
         free = manager.total_free_tokens()
         wait_s = self.expected_wait(scheduler, decodes)
         idle = self.idle_ranks(scheduler, decodes)
-        decode_weight = sum(1 / max(1, len(r.output_token_ids)) for r in decodes)
+        decode_weight = sum(1 / r.num_tokens for r in decodes)
         admitted: list[Request] = []
         borrow_weight = 0.0
         for request in list(scheduler.waiting)[:self.max_new_per_iteration]:
@@ -139,7 +140,7 @@ class LoongServePolicy:
         while j < len(order) and plans[j] is not None and plans[j + 1] is not None:
             gain = plans[j].cost - plans[j + 1].cost
             paused = [r for r in decodes if self._touches(scheduler, r, {order[j]})]
-            loss = plans[j + 1].time_s * sum(1 / max(1, len(r.output_token_ids))
+            loss = plans[j + 1].time_s * sum(1 / r.num_tokens
                                              for r in paused)
             if gain <= loss:
                 break
@@ -174,7 +175,7 @@ class LoongServePolicy:
         weight = dict.fromkeys(range(scheduler.sp_size), 0.0)
         for request in decodes:
             for rank in self._ranks_of(scheduler, request):
-                weight[rank] += 1 / max(1, len(request.output_token_ids))
+                weight[rank] += 1 / request.num_tokens
         pools = scheduler.kv_cache_manager.pools
         busy = sorted((r for r in range(scheduler.sp_size) if r not in idle),
                       key=lambda r: (weight[r], -pools[r].num_free_blocks, r))
