@@ -1,0 +1,124 @@
+"""Simulator validation (issue 7, item 2): replay a measured `csps bench serve` run through
+`csps simulate` with the CPU-fitted cost model and report each request's error.
+
+    # 1. the real run (the lead's; any config the profile covers: -sp 2 with sps2 or loongserve)
+    csps serve smollm2-135m -sp 2 --scheduler sps2 --max-model-len 8192 --port 8000 &
+    csps bench serve --base-url http://127.0.0.1:8000 --dataset-name trace \
+        --dataset-path ../shared/data/traces/mooncake_conversation.jsonl --num-prompts 32 \
+        --length-scale 0.125 --time-scale 10 --ignore-eos --save-result \
+        --result-filename real-sps2.json
+    # 2. the replay, with the same engine flags as the server
+    .venv/bin/python benchmarks/sim_validation.py real-sps2.json -sp 2 --scheduler sps2 \
+        --max-model-len 8192 --out-dir benchmarks/results/sim_validation
+
+The replay sends the real run's successful requests at their measured send times with their
+prompt and generated lengths (csps/simulator/replay.py). Engine flags are `csps serve`'s
+(--scheduler, -sp, --max-num-batched-tokens, --kv-cache-memory-bytes, --max-model-len, ...);
+--cost-model defaults to the bundled profile, which prices the simulated steps. The policies
+plan with that model as the engine would (--predictor auto: only loongserve, which the engine
+gives the bundled profile; sps2 then keeps its threshold rule; `on` if the server itself ran
+with --cost-model). Writes LABEL-sim.json (the simulated result), LABEL-validation.json
+(per-request real/simulated values and relative errors), LABEL-validation.md (the table: median
+absolute error of TTFT, TBT = the request's mean ITL, and E2E; target <= 15%) and
+LABEL-validation.png (real vs simulated scatter) to --out-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from csps.cli import add_engine_args, config_from_args
+from csps.scheduler.predictor import BUNDLED_PROFILE
+from csps.simulator.replay import METRICS, compare_results, replay_specs
+from csps.simulator.run import SimulationConfig, simulate
+
+TARGET = 0.15  # issue 7: median absolute error at most 15%
+NAMES = {"ttft": "TTFT", "tbt": "TBT (mean ITL)", "e2el": "E2E latency"}
+
+
+def replay(real: dict, engine, use_predictor: bool) -> tuple[dict, dict]:
+    """(the simulated result, the comparison) of replaying `real` on `engine`."""
+    indices, specs = replay_specs(real)
+    config = SimulationConfig(engine, model=engine.model.model, use_predictor=use_predictor)
+    simulated = simulate(config, specs)
+    return simulated, compare_results(real, simulated, indices)
+
+
+def table(comparison: dict) -> str:
+    lines = ["| metric | requests | median abs. error | mean signed error | <= 15% |",
+             "|---|---|---|---|---|"]
+    for name in METRICS:
+        c = comparison[name]
+        if c["median_abs_error"] is None:
+            lines.append(f"| {NAMES[name]} | 0 | - | - | - |")
+            continue
+        ok = "yes" if c["median_abs_error"] <= TARGET else "no"
+        lines.append(f"| {NAMES[name]} | {c['num_requests']} | {c['median_abs_error']:.1%} | "
+                     f"{c['mean_error']:+.1%} | {ok} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(comparison: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 4))
+    for ax, name in zip(axes, METRICS, strict=True):
+        pairs = [(r, s) for r, s in zip(comparison[name]["real"], comparison[name]["simulated"],
+                                        strict=True) if r is not None and s is not None]
+        if not pairs:
+            continue
+        real, sim = zip(*pairs, strict=True)
+        ax.scatter(real, sim, s=12)
+        top = max(max(real), max(sim)) * 1.05
+        ax.plot([0, top], [0, top], color="black", linewidth=0.8, label="y = x")
+        ax.plot([0, top], [0, top * (1 + TARGET)], ":", color="grey", label="+-15%")
+        ax.plot([0, top], [0, top * (1 - TARGET)], ":", color="grey")
+        ax.set_xlabel(f"real {NAMES[name]} [s]")
+        ax.set_ylabel(f"simulated {NAMES[name]} [s]")
+        error = comparison[name]["median_abs_error"]
+        ax.set_title(f"{NAMES[name]}: median |error| {error:.1%}", fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("result", type=Path, help="the real run's `csps bench serve` JSON")
+    add_engine_args(parser)
+    parser.set_defaults(cost_model=str(BUNDLED_PROFILE), model="smollm2-135m",
+                        max_model_len=8192)
+    parser.add_argument("--predictor", choices=("auto", "on", "off"), default="auto",
+                        help="policies plan with the cost model: auto = loongserve only")
+    parser.add_argument("--label", default=None, help="file prefix (default: the result's)")
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/sim_validation"))
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    engine = config_from_args(args)
+    use_predictor = {"on": True, "off": False}.get(
+        args.predictor, engine.scheduler.policy == "loongserve")
+    real = json.loads(args.result.read_text())
+    simulated, comparison = replay(real, engine, use_predictor)
+    label = args.label or args.result.stem
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"real_result": str(args.result), "engine": engine.to_dict(),
+              "use_predictor": use_predictor, "target_median_abs_error": TARGET,
+              "metrics": comparison}
+    (args.out_dir / f"{label}-sim.json").write_text(json.dumps(simulated) + "\n")
+    (args.out_dir / f"{label}-validation.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = table(comparison)
+    (args.out_dir / f"{label}-validation.md").write_text(text)
+    print(text)
+    if not args.no_plot:
+        plot(comparison, args.out_dir / f"{label}-validation.png",
+             f"{label}: real vs simulated ({Path(engine.scheduler.cost_model).name})")
+    return report
+
+
+if __name__ == "__main__":
+    main()
