@@ -30,14 +30,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from csps.kvcache.kv_cache_manager import cdiv
 from csps.kvcache.placement import split_prompt
-from csps.scheduler.loongserve_batching import (
-    PrefillGroup,
-    PrefillPlan,
-    fit_prefill_cost,
-    plan_prefill,
-)
+from csps.scheduler.loongserve_admission import LoongServeAdmission, sorted_by_length
+from csps.scheduler.loongserve_batching import PrefillGroup, PrefillPlan, fit_prefill_cost
 from csps.scheduler.sp_books import SpPrefillPlan
 
 if TYPE_CHECKING:
@@ -47,7 +42,7 @@ if TYPE_CHECKING:
     from csps.scheduler.scheduler import Scheduler
 
 
-class LoongServePolicy:
+class LoongServePolicy(LoongServeAdmission):
     name = "loongserve"
     chunks_prefill = False  # prompts prefill whole
 
@@ -97,105 +92,6 @@ class LoongServePolicy:
                         and not scheduler.schedule_decode(request, batch)):
                     break
         self._start(scheduler, batch, where)
-
-    # ---- admission and borrowing ------------------------------------------------------------
-    def admit(self, scheduler: Scheduler, decodes: list[Request]) -> list[Request]:
-        """The FCFS prefix of the waiting queue this iteration prefills (LoongServe's test)."""
-        manager, budget = scheduler.kv_cache_manager, scheduler.token_budget
-        free = manager.total_free_tokens()
-        wait_s = self.expected_wait(scheduler, decodes)
-        idle = self.idle_ranks(scheduler, decodes)
-        decode_weight = sum(1 / r.num_tokens for r in decodes)
-        admitted: list[Request] = []
-        borrow_weight = 0.0
-        for request in list(scheduler.waiting)[:self.max_new_per_iteration]:
-            if (len(scheduler.running) + len(admitted) >= scheduler.config.max_num_seqs
-                    or sum(r.num_tokens for r in admitted) + request.num_tokens > budget):
-                break
-            trial = admitted + [request]
-            if sum(self.need(scheduler, r) for r in trial) > free:
-                break
-            plans = self._plans(scheduler, trial, self.rank_order(scheduler, decodes))
-            on_idle, on_all = plans[len(idle)], plans[-1]
-            if on_all is None:
-                break
-            if on_idle is not None:
-                if on_idle.time_s - on_all.time_s > wait_s:
-                    break
-            else:
-                borrow_weight += 1 / request.num_tokens
-                if on_all.time_s * decode_weight > wait_s * borrow_weight:
-                    break
-            admitted.append(request)
-        return admitted
-
-    def plan(self, scheduler: Scheduler, admitted: list[Request],
-             decodes: list[Request]) -> tuple[PrefillPlan | None, set[int]]:
-        """The batching plan and the decode ranks it borrows (instance-borrowing test)."""
-        order = self.rank_order(scheduler, decodes)
-        plans = self._plans(scheduler, admitted, order)
-        j = len(self.idle_ranks(scheduler, decodes))
-        while j < len(order) and plans[j] is None:
-            j += 1  # the idle ranks cannot serve it: borrow until the plan fits
-        while j < len(order) and plans[j] is not None and plans[j + 1] is not None:
-            gain = plans[j].cost - plans[j + 1].cost
-            paused = [r for r in decodes if self._touches(scheduler, r, {order[j]})]
-            loss = plans[j + 1].time_s * sum(1 / r.num_tokens
-                                             for r in paused)
-            if gain <= loss:
-                break
-            j += 1
-        plan = plans[min(j, len(order))]
-        used = {rank for g in plan.groups for rank in g.ranks} if plan else set()
-        idle = set(self.idle_ranks(scheduler, decodes))
-        return plan, used - idle
-
-    def expected_wait(self, scheduler: Scheduler, decodes: list[Request]) -> float:
-        """Seconds until the decodes free their ranks: their mean remaining max_tokens steps
-        times one predicted decode iteration (0 without decodes)."""
-        if not decodes:
-            return 0.0
-        steps = sum(max(1, r.max_tokens - len(r.output_token_ids)) for r in decodes)
-        step_s = self.predictor.decode_time([(scheduler.leader_of(r.request_id), r.num_tokens)
-                                             for r in decodes])
-        return steps / len(decodes) * step_s
-
-    def idle_ranks(self, scheduler: Scheduler, decodes: list[Request]) -> list[int]:
-        """Ranks no decode uses (holds KV or leads), most free first."""
-        busy = set()
-        for request in decodes:
-            busy |= self._ranks_of(scheduler, request)
-        pools = scheduler.kv_cache_manager.pools
-        return sorted((r for r in range(scheduler.sp_size) if r not in busy),
-                      key=lambda r: (-pools[r].num_free_blocks, r))
-
-    def rank_order(self, scheduler: Scheduler, decodes: list[Request]) -> list[int]:
-        """Idle ranks (most free first), then decode ranks, cheapest to pause first."""
-        idle = self.idle_ranks(scheduler, decodes)
-        weight = dict.fromkeys(range(scheduler.sp_size), 0.0)
-        for request in decodes:
-            for rank in self._ranks_of(scheduler, request):
-                weight[rank] += 1 / request.num_tokens
-        pools = scheduler.kv_cache_manager.pools
-        busy = sorted((r for r in range(scheduler.sp_size) if r not in idle),
-                      key=lambda r: (weight[r], -pools[r].num_free_blocks, r))
-        return idle + busy
-
-    def need(self, scheduler: Scheduler, request: Request) -> int:
-        """KV tokens a request must find free: its prompt in blocks plus decode headroom
-        (none for a request alone on an idle engine, so one that fits is never refused)."""
-        block = scheduler.kv_cache_manager.block_size
-        headroom = 0 if not scheduler.running else min(request.max_tokens, self.decode_headroom)
-        return cdiv(request.num_tokens + headroom, block) * block
-
-    def _plans(self, scheduler: Scheduler, requests: list[Request],
-               order: list[int]) -> list[PrefillPlan | None]:
-        ordered = sorted_by_length(requests)
-        pools, block = scheduler.kv_cache_manager.pools, scheduler.kv_cache_manager.block_size
-        return plan_prefill([r.num_tokens for r in ordered],
-                            [self.need(scheduler, r) for r in ordered], order,
-                            lambda rank: pools[rank].num_free_blocks * block, self.fits,
-                            self.max_sp_batch)
 
     # ---- carrying out the plan --------------------------------------------------------------
     def _placements(self, scheduler: Scheduler, plan: PrefillPlan | None,
@@ -274,15 +170,3 @@ class LoongServePolicy:
             scheduler.set_leader(movable[0].request_id, idlest)
             counts[busiest] -= 1
             counts[idlest] += 1
-
-    def _ranks_of(self, scheduler: Scheduler, request: Request) -> set[int]:
-        placement = scheduler.kv_cache_manager.placement(request.request_id)
-        return set(placement.ranks) | {scheduler.leader_of(request.request_id)}
-
-    def _touches(self, scheduler: Scheduler, request: Request, ranks) -> bool:
-        return bool(ranks) and bool(self._ranks_of(scheduler, request) & set(ranks))
-
-
-def sorted_by_length(requests: list[Request]) -> list[Request]:
-    """Longest first (the DP's order); ties keep FCFS order."""
-    return sorted(requests, key=lambda r: -r.num_tokens)
