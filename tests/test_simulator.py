@@ -180,10 +180,9 @@ def test_the_simulator_and_cost_models_import_without_torch():
 
 
 def test_sub_group_sp_prefills_in_one_iteration_add_up_per_rank_with_their_own_attention():
-    from csps.costmodel.work import sp_prefill_work
+    from csps.costmodel.work import iteration_work, sp_prefill_work
     from csps.request import SamplingParams
     from csps.scheduler.output import ScheduledRequest, SchedulerOutput
-    from csps.simulator.timer import iteration_works
 
     shape, parallel = model_shape("llama-2-7b"), ParallelConfig(sequence_parallel_size=4)
 
@@ -193,7 +192,7 @@ def test_sub_group_sp_prefills_in_one_iteration_add_up_per_rank_with_their_own_a
 
     output = SchedulerOutput(1, [sp_prefill("a", (64, 64, 0, 0), 1, "ring"),
                                  sp_prefill("b", (0, 0, 32, 48), 3, None)])
-    works = iteration_works(output, shape, parallel, 16)
+    works = iteration_work(output, shape, parallel, 16)
     ring = sp_prefill_work([64, 64, 0, 0], shape, parallel, "ring")
     ulysses = sp_prefill_work([0, 0, 32, 48], shape, parallel, "ulysses")
     for rank, (work, a, b) in enumerate(zip(works, ring, ulysses, strict=True)):

@@ -35,6 +35,18 @@ class RankWork:
     num_collectives: int = 0  # collective calls this rank makes (latency term)
     overlappable_bytes: int = 0  # of comm_bytes, what a pipeline may hide behind compute
 
+    def __add__(self, other: RankWork) -> RankWork:
+        """Two works on one rank in one iteration: counts add up."""
+        comm = dict(self.comm_bytes)
+        for phase, num_bytes in other.comm_bytes.items():
+            comm[phase] = comm.get(phase, 0) + num_bytes
+        return RankWork(self.num_tokens + other.num_tokens, self.num_seqs + other.num_seqs,
+                        self.num_sampled + other.num_sampled,
+                        self.attn_pairs + other.attn_pairs,
+                        self.decode_kv_tokens + other.decode_kv_tokens, comm,
+                        self.num_collectives + other.num_collectives,
+                        self.overlappable_bytes + other.overlappable_bytes)
+
     @property
     def total_bytes(self) -> int:
         return sum(self.comm_bytes.values())

@@ -74,7 +74,9 @@ def sp_prefill_work(chunk_lens: Sequence[int], shape: ModelShape, parallel: Para
     elif algorithm in ("allgather_kv", "ring"):
         _kv_layouts(group, lens, shape, hq, hkv, ring=algorithm == "ring")
     elif algorithm == "csa":
-        text = csa_levels or (parallel.csa_levels or f"1:1,{len(members)}:2")
+        whole_group = len(members) == parallel.sequence_parallel_size
+        text = csa_levels or (parallel.resolved_csa_levels if whole_group
+                              else f"1:1,{len(members)}:2")
         micro_batch = parallel.csa_micro_batch if csa_micro_batch is None else csa_micro_batch
         config = CsaConfig.parse(text, parallel.csa_far_queries, micro_batch)
         config.check_sp_size(len(members))

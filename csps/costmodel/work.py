@@ -25,22 +25,32 @@ def iteration_work(output: SchedulerOutput, shape: ModelShape, parallel: Paralle
     """[sequence_parallel_size] RankWork of one iteration (TP member tp_rank of each SP rank).
 
     block_size: local decodes gather whole blocks, so their KV reads round up to blocks.
-    Works for sp_size 1 (a plain KVCacheManager's output: everything on rank 0).
+    Works for sp_size 1 (a plain KVCacheManager's output: everything on rank 0). SP prefills
+    (each with its own attention choice, possibly on a sub-group: zeros in sp_chunk_lens) add
+    up per rank with the rest of the iteration; the real workers run one alone, the
+    simulator's policies may emit several on disjoint groups.
     """
-    sp_size, tp_size = parallel.sequence_parallel_size, parallel.tensor_parallel_size
-    requests = output.scheduled_requests
-    sp_prefills = [r for r in requests if r.is_sp_prefill]
-    if sp_prefills:
-        if len(requests) != 1:
-            raise ValueError("an SP prefill must be alone in its iteration")
-        (request,) = sp_prefills
-        works = sp_prefill_work(request.sp_chunk_lens, shape, parallel, request.sp_attention,
-                                request.csa_levels, csa_micro_batch=request.csa_micro_batch,
-                                tp_rank=tp_rank)
-        for work in works:
+    sp_prefills = [r for r in output.scheduled_requests if r.is_sp_prefill]
+    if not sp_prefills:
+        return _local_work(output.scheduled_requests, shape, parallel, block_size, tp_rank)
+    rest = [r for r in output.scheduled_requests if not r.is_sp_prefill]
+    works = (_local_work(rest, shape, parallel, block_size, tp_rank) if rest
+             else [RankWork() for _ in range(parallel.sequence_parallel_size)])
+    for request in sp_prefills:
+        part = sp_prefill_work(request.sp_chunk_lens, shape, parallel, request.sp_attention,
+                               request.csa_levels, csa_micro_batch=request.csa_micro_batch,
+                               tp_rank=tp_rank)
+        for work in part:
             work.num_sampled = 0
-        works[request.leader].num_sampled = int(request.do_sample)
-        return works
+        part[request.leader].num_sampled = int(request.do_sample)
+        works = [a + b for a, b in zip(works, part, strict=True)]
+    return works
+
+
+def _local_work(requests: list[ScheduledRequest], shape: ModelShape, parallel: ParallelConfig,
+                block_size: int, tp_rank: int) -> list[RankWork]:
+    """Requests each run on their leader (chunks, decodes, q-move decodes over spread KV)."""
+    sp_size, tp_size = parallel.sequence_parallel_size, parallel.tensor_parallel_size
     hq, hkv = tp_heads(shape, tp_size, tp_rank)
     works = [RankWork() for _ in range(sp_size)]
     tokens = [0] * sp_size  # tokens each SP rank runs (before the TP split)

@@ -7,7 +7,6 @@ building a SchedulerOutput by hand. No torch (the cost models are pure Python).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +17,7 @@ from csps.scheduler.output import ScheduledRequest, SchedulerOutput
 
 if TYPE_CHECKING:
     from csps.config import ParallelConfig
-    from csps.costmodel.base import CostModel, RankWork
+    from csps.costmodel.base import CostModel
     from csps.costmodel.shape import ModelShape
 
 _PARAMS = SamplingParams()
@@ -41,8 +40,11 @@ class StepPredictor:
                         csa_micro_batch: str | None = None) -> float:
         """One prompt prefilled alone over the ranks with nonzero chunk_lens (one length per
         SP rank, in rank order); None choices are the engine's ParallelConfig."""
-        return self.cost_model.iteration_time(
-            self._sp_works(chunk_lens, sp_attention, csa_levels, csa_micro_batch))
+        from csps.costmodel.work import sp_prefill_work
+
+        return self.cost_model.iteration_time(sp_prefill_work(
+            list(chunk_lens), self.shape, self.parallel, sp_attention, csa_levels,
+            csa_micro_batch=csa_micro_batch))
 
     def local_prefill_time(self, chunks: Sequence[tuple[int, int, int]]) -> float:
         """Prompt chunks each run whole on one rank: (rank, num_new_tokens, num_computed)."""
@@ -57,35 +59,11 @@ class StepPredictor:
         return self.iteration_time(SchedulerOutput(0, requests))
 
     def iteration_time(self, output: SchedulerOutput) -> float:
-        """Seconds of a whole iteration. SP prefills are priced with their own choices; work
-        on disjoint rank groups in one iteration (the simulator's sub-group prefills) adds up
-        per rank."""
+        """Seconds of a whole iteration (SP prefills priced with their own choices)."""
         from csps.costmodel.work import iteration_work
 
-        sp_prefills = [r for r in output.scheduled_requests if r.is_sp_prefill]
-        rest = [r for r in output.scheduled_requests if not r.is_sp_prefill]
-        works = iteration_work(SchedulerOutput(output.iteration, rest), self.shape,
-                               self.parallel, self.block_size) if rest or not sp_prefills else []
-        for request in sp_prefills:
-            part = self._sp_works(request.sp_chunk_lens, request.sp_attention,
-                                  request.csa_levels, request.csa_micro_batch)
-            part[request.leader].num_sampled = int(request.do_sample)
-            works = part if not works else [_add(a, b) for a, b in zip(works, part, strict=True)]
-        return self.cost_model.iteration_time(works)
-
-    def _sp_works(self, chunk_lens: Sequence[int], sp_attention: str | None,
-                  csa_levels: str | None, csa_micro_batch: str | None) -> list[RankWork]:
-        from csps.costmodel.work import sp_prefill_work
-
-        parallel = self.parallel
-        attention = sp_attention or parallel.sp_attention
-        if csa_micro_batch is not None and attention == "csa":
-            parallel = dataclasses.replace(parallel, csa_micro_batch=csa_micro_batch)
-        if attention == "csa" and csa_levels is None:
-            degree = sum(1 for n in chunk_lens if n)
-            csa_levels = parallel.resolved_csa_levels if degree == self.sp_size \
-                else f"1:1,{degree}:2"
-        return sp_prefill_work(list(chunk_lens), self.shape, parallel, attention, csa_levels)
+        return self.cost_model.iteration_time(
+            iteration_work(output, self.shape, self.parallel, self.block_size))
 
 
 def _scheduled(request_id: str, rank: int, num_new: int, cached: int,
@@ -93,19 +71,6 @@ def _scheduled(request_id: str, rank: int, num_new: int, cached: int,
     """A stand-in request whose whole KV (total tokens) lives on `rank`, which leads it."""
     return ScheduledRequest(request_id, [0] * num_new, cached, [], _PARAMS, do_sample=True,
                             kv_ranges=(TokenRange(rank, 0, total, ()),), leader=rank)
-
-
-def _add(a: RankWork, b: RankWork) -> RankWork:
-    """Two works on one rank in one iteration (counts add up)."""
-    comm = dict(a.comm_bytes)
-    for phase, num_bytes in b.comm_bytes.items():
-        comm[phase] = comm.get(phase, 0) + num_bytes
-    return dataclasses.replace(
-        a, num_tokens=a.num_tokens + b.num_tokens, num_seqs=a.num_seqs + b.num_seqs,
-        num_sampled=a.num_sampled + b.num_sampled, attn_pairs=a.attn_pairs + b.attn_pairs,
-        decode_kv_tokens=a.decode_kv_tokens + b.decode_kv_tokens, comm_bytes=comm,
-        num_collectives=a.num_collectives + b.num_collectives,
-        overlappable_bytes=a.overlappable_bytes + b.overlappable_bytes)
 
 
 BUNDLED_PROFILE = Path(__file__).resolve().parent.parent / "costmodel" / "profiles" / \
