@@ -109,3 +109,22 @@ class RunnerOutput:
             for phase, num_bytes in out.comm_bytes.items():
                 merged.comm_bytes[phase] = merged.comm_bytes.get(phase, 0) + num_bytes
         return merged
+
+
+@dataclass
+class Step:
+    """One unit of execution: a contiguous set of SP instances and the SchedulerOutput they run
+    together. Steps on disjoint instance sets run concurrently; an instance runs one step at a
+    time. Ranks named inside the output (kv_ranges, leader, sp_chunk_lens' index) are global SP
+    ranks; every collective of the step runs on the process group of `instances`, and only the
+    workers of `instances` receive it."""
+
+    step_id: int
+    instances: tuple[int, ...]  # global SP ranks, contiguous and ascending
+    scheduler_output: SchedulerOutput
+
+    def __post_init__(self) -> None:
+        first = self.instances[0] if self.instances else 0
+        if not self.instances or self.instances != tuple(range(first, first + len(self.instances))):
+            raise ValueError(f"a step's instances must be contiguous ascending SP ranks, "
+                             f"got {self.instances}")
