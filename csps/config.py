@@ -80,6 +80,17 @@ class SchedulerConfig:
     hybrid_batching: bool = field(default=False, metadata=_help(
         "sps2: let prefill chunks ride in decode iterations (Sarathi-style hybrid batching) "
         "instead of alternating separate prefill and decode iterations."))
+    sp_prefill_chunk: int = field(default=512, metadata=_help(
+        "sps2: tokens per rank of one slice of a chunked SP prefill (rounded down to whole "
+        "blocks); each slice is one step of its SP group, carrying the group's decodes, so a "
+        "decode waits at most one slice. 0: prefill a long prompt whole in one step."))
+    slo_tbt: float | None = field(default=None, metadata=_help(
+        "sps2 with a cost model: seconds a step may take; the configurator picks the SP degree "
+        "and slice size with the least predicted TTFT whose predicted step time stays under "
+        "it (unset: --sp-prefill-chunk)."))
+    lockstep: bool = field(default=False, metadata=_help(
+        "sps2: run one step over all SP ranks at a time (the engine before per-instance "
+        "steps: SP prefills whole and alone, decode iterations between), for comparison."))
     cost_model: str = field(default="", metadata=_help(
         "Cost-model JSON (from `csps profile`) the sps2 configurator and loongserve price "
         "iterations with; empty: none for sps2 (its --long-prompt-threshold rule), the bundled "
@@ -105,6 +116,10 @@ class SchedulerConfig:
             raise ValueError("max_waiting_requests must be positive")
         if self.long_prompt_threshold < 1:
             raise ValueError("long_prompt_threshold must be positive")
+        if self.sp_prefill_chunk < 0:
+            raise ValueError("sp_prefill_chunk must be >= 0 (0: whole prompts)")
+        if self.slo_tbt is not None and not self.slo_tbt > 0:
+            raise ValueError(f"slo_tbt must be a positive number of seconds, got {self.slo_tbt}")
         if self.loongserve_sp_batch < 0:
             raise ValueError("loongserve_sp_batch must be >= 0")
         for text in (self.sps2_csa_candidates, self.sps2_micro_batch_candidates):

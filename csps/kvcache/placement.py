@@ -125,6 +125,10 @@ class DistributedKVCacheManager:
     def placement(self, request_id: str) -> RequestPlacement | None:
         return self._placements.get(request_id)
 
+    def group(self, request_id: str) -> tuple[int, ...]:
+        """The ranks a placed request's KV may grow onto (its decode group)."""
+        return self._groups[request_id]
+
     def can_admit(self, chunk_lens: Sequence[int], ranks: Sequence[int]) -> bool:
         """True when every rank of the group (distinct ranks) has the blocks for its chunk."""
         if (len(chunk_lens) != len(ranks) or not ranks or len(set(ranks)) != len(ranks)
@@ -151,6 +155,31 @@ class DistributedKVCacheManager:
         self._groups[request_id] = tuple(ranks)
         if sticky:
             self._sticky.add(request_id)
+        self._placements[request_id] = RequestPlacement(request_id, ranges)
+        return self._placements[request_id]
+
+    def allocate_ranges(self, request_id: str, lens: Sequence[int], ranks: Sequence[int],
+                        group: Sequence[int]) -> RequestPlacement | None:
+        """Place a prompt as ranges in position order, lens[i] tokens on ranks[i] (a rank may
+        hold several: a chunked SP prefill's slices), each from a fresh block; `group` is the
+        request's decode group. None (nothing changes) if any rank is short of blocks."""
+        if request_id in self._placements:
+            raise ValueError(f"request {request_id} is already placed")
+        if len(lens) != len(ranks) or not set(ranks) <= set(group) or min(lens, default=0) < 0:
+            raise ValueError(f"bad ranges: lens={list(lens)} ranks={list(ranks)} "
+                             f"group={list(group)}")
+        need = [0] * len(self.pools)
+        for n, r in zip(lens, ranks, strict=True):
+            need[r] += cdiv(n, self.block_size)
+        if any(need[r] > pool.num_free_blocks for r, pool in enumerate(self.pools)):
+            return None
+        ranges, start = [], 0
+        for n, r in zip(lens, ranks, strict=True):
+            if n > 0:
+                blocks = self.pools[r].allocate(cdiv(n, self.block_size))
+                ranges.append(TokenRange(r, start, start + n, tuple(blocks)))
+                start += n
+        self._groups[request_id] = tuple(group)
         self._placements[request_id] = RequestPlacement(request_id, ranges)
         return self._placements[request_id]
 

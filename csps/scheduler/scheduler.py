@@ -17,6 +17,7 @@ from csps.scheduler.batch import BatchBuilder
 from csps.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from csps.scheduler.policy import make_policy
 from csps.scheduler.sp_books import SequenceParallelBooks, SpPrefillPlan
+from csps.scheduler.step_books import StepBooks
 
 if TYPE_CHECKING:
     from csps.scheduler.predictor import StepPredictor
@@ -32,7 +33,7 @@ class RequestUpdate:
     stop_reason: int | None = None  # the stop token id that ended it, if any
 
 
-class Scheduler(SequenceParallelBooks):
+class Scheduler(SequenceParallelBooks, StepBooks):
     def __init__(self, config: SchedulerConfig,
                  kv_cache_manager: KVCacheManager | DistributedKVCacheManager,
                  max_model_len: int, predictor: StepPredictor | None = None,
@@ -50,14 +51,13 @@ class Scheduler(SequenceParallelBooks):
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the newest
         self.requests: dict[str, Request] = {}
-        self._finished_ids: list[str] = []  # reported to workers in the next output
-        self._preempted_ids: list[str] = []
         self._iteration = 0
         self.num_preemptions = 0  # total since start (vLLM's num_preemptions_total)
         # Sequence parallelism (a DistributedKVCacheManager): each placed request's leader,
         # the SP rank that runs its tokens, and this iteration's SP prefills.
         self._leaders: dict[str, int] = {}
-        self._sp_prefills: dict[str, SpPrefillPlan] = {}
+        self._sp_prefills: dict[str, SpPrefillPlan] = {}  # requests prefilling over a group
+        self._init_steps()
 
     # ---- queue management -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -88,8 +88,9 @@ class Scheduler(SequenceParallelBooks):
             self.waiting.remove(request)
         self.kv_cache_manager.free(request.request_id)
         self._leaders.pop(request.request_id, None)
+        self._sp_prefills.pop(request.request_id, None)
         del self.requests[request.request_id]
-        self._finished_ids.append(request.request_id)
+        self._notify(finished=request.request_id)
 
     @property
     def num_waiting(self) -> int:
@@ -152,24 +153,32 @@ class Scheduler(SequenceParallelBooks):
         self.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
-        self._preempted_ids.append(request.request_id)
+        self._notify(preempted=request.request_id)
 
     # ---- the iteration ----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        """One lock-step iteration over every instance (the policy's `schedule`)."""
         batch = BatchBuilder(self.token_budget)
         self.policy.schedule(self, batch)
+        output = self._emit(batch, tuple(range(self.sp_size)))
+        for request_id, plan in list(self._sp_prefills.items()):
+            if not plan.slices:  # a whole-prompt SP prefill is one iteration
+                del self._sp_prefills[request_id]
+        return output
+
+    def _emit(self, batch: BatchBuilder, instances: tuple[int, ...]) -> SchedulerOutput:
+        """The SchedulerOutput of a built batch (decodes first), with what `instances` must
+        still be told."""
         self._iteration += 1
         decodes = [(r, n) for r, n in batch.entries if not r.is_prefill]
         prefills = [(r, n) for r, n in batch.entries if r.is_prefill]
-        output = SchedulerOutput(
+        finished, preempted = self._take_notices(instances)
+        return SchedulerOutput(
             iteration=self._iteration,
             scheduled_requests=[self._to_scheduled(r, n) for r, n in decodes + prefills],
-            finished_request_ids=self._finished_ids,
-            preempted_request_ids=self._preempted_ids,
+            finished_request_ids=finished,
+            preempted_request_ids=preempted,
         )
-        self._finished_ids, self._preempted_ids = [], []
-        self._sp_prefills.clear()
-        return output
 
     def _to_scheduled(self, request: Request, num_tokens: int) -> ScheduledRequest:
         start = request.num_computed_tokens
@@ -196,6 +205,8 @@ class Scheduler(SequenceParallelBooks):
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted or preempted while the iteration ran
             request.num_computed_tokens += scheduled.num_scheduled_tokens
+            if scheduled.do_sample:  # its prompt (or last slice) is done
+                self._sp_prefills.pop(request.request_id, None)
             token_id = runner_output.sampled_token_ids.get(scheduled.request_id)
             if not scheduled.do_sample or token_id is None:
                 continue

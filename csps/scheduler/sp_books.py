@@ -5,10 +5,11 @@ placement fields of a ScheduledRequest. No torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from csps.kvcache.placement import DistributedKVCacheManager, split_prompt
+from csps.kvcache.kv_cache_manager import cdiv
+from csps.kvcache.placement import DistributedKVCacheManager, TokenRange, split_prompt
 from csps.request import RequestStatus
 
 if TYPE_CHECKING:
@@ -30,6 +31,37 @@ class SpPrefillPlan:
     sp_attention: str | None = None
     csa_levels: str | None = None
     csa_micro_batch: str | None = None
+    # A chunked SP prefill: per slice, in prompt order, its chunk length per SP rank (same
+    # indexing as chunk_lens). Empty: one slice, chunk_lens.
+    slices: tuple[tuple[int, ...], ...] = ()
+
+    def slice_at(self, start: int) -> tuple[int, ...]:
+        """The chunk lengths of the slice beginning at prompt position `start`."""
+        pos = 0
+        for lens in self.slices or (self.chunk_lens,):
+            if pos == start:
+                return lens
+            pos += sum(lens)
+        raise ValueError(f"no slice of this SP prefill starts at position {start}")
+
+
+def slice_prompt(num_tokens: int, group: list[int], sp_size: int, chunk: int,
+                 block_size: int) -> tuple[tuple[int, ...], ...]:
+    """A chunked SP prefill's slices: each the next `chunk` tokens per rank of `group` (whole
+    blocks), the last one the rest split by split_prompt; lengths indexed by SP rank."""
+    per_rank = max(block_size, chunk // block_size * block_size)
+    slices, left = [], num_tokens
+    while left > 0:
+        if left > per_rank * len(group):
+            lens = [per_rank] * len(group)
+        else:
+            lens = split_prompt(left, len(group), block_size)
+        row = [0] * sp_size
+        for rank, n in zip(group, lens, strict=True):
+            row[rank] = n
+        slices.append(tuple(row))
+        left -= sum(lens)
+    return tuple(slices)
 
 
 class SequenceParallelBooks:
@@ -52,31 +84,60 @@ class SequenceParallelBooks:
         return blocks * manager.block_size
 
     def admit_sequence_parallel(self, request: Request, batch: BatchBuilder,
-                                plan: SpPrefillPlan | None = None, alone: bool = True) -> bool:
+                                plan: SpPrefillPlan | None = None, alone: bool = True,
+                                chunk: int = 0) -> bool:
         """Admit the waiting head as an SP prefill: its whole prompt in this iteration, chunk r
         computed on SP rank r (default plan: split over every rank, KV where it is computed).
         With `alone` (the workers' rule) it takes the iteration whole. The last computing rank,
         holding the last token, samples its first token; its decodes are then led by the
         KV-holding rank leading the fewest requests (a decode step needs only the token id,
-        not the prefill's hidden state). False (nothing changes) if the KV does not fit."""
+        not the prefill's hidden state). False (nothing changes) if the KV does not fit.
+        chunk > 0 (KV where computed): a chunked SP prefill of slices of `chunk` tokens per
+        rank (slice_prompt), its first slice scheduled now, the rest in later steps."""
         if plan is None:
             plan = SpPrefillPlan(tuple(split_prompt(request.num_tokens, self.sp_size,
                                                     self.kv_cache_manager.block_size)))
             if min(plan.chunk_lens) < 1:
                 return False
         if sum(plan.chunk_lens) != request.num_tokens or (alone and not batch.is_empty) or (
-                not alone and request.num_tokens > batch.token_budget):
+                not alone and not chunk and request.num_tokens > batch.token_budget):
             return False
         kv_lens, kv_ranks = plan.kv_lens or plan.chunk_lens, plan.kv_ranks or range(self.sp_size)
-        if self.kv_cache_manager.allocate_prefill(request.request_id, kv_lens, kv_ranks) is None:
+        manager = self.kv_cache_manager
+        if chunk > 0 and not plan.kv_lens:
+            group = [r for r, n in enumerate(plan.chunk_lens) if n]
+            plan = replace(plan, slices=slice_prompt(request.num_tokens, group, self.sp_size,
+                                                     chunk, manager.block_size))
+            lens = [n for row in plan.slices for n in row if n]
+            ranks = [r for row in plan.slices for r, n in enumerate(row) if n]
+            if manager.allocate_ranges(request.request_id, lens, ranks, group) \
+                    is None:
+                return False
+        elif manager.allocate_prefill(request.request_id, kv_lens, kv_ranks) is None:
             return False
         holders = [r for n, r in zip(kv_lens, kv_ranks, strict=True) if n]
         self._start(request, leader=self.least_busy_leader(holders))
         self._sp_prefills[request.request_id] = plan
+        num_tokens = sum(plan.slice_at(0))
         if alone:
-            batch.token_budget = request.num_tokens  # NOTE: an SP prefill is a whole iteration
-        batch.add(request, request.num_tokens)
+            batch.token_budget = num_tokens  # NOTE: an SP prefill is a whole iteration
+        elif num_tokens > batch.token_budget:
+            batch.token_budget = num_tokens  # a slice's size is its own budget
+        batch.add(request, num_tokens)
         return True
+
+    def schedule_sp_slice(self, request: Request, batch: BatchBuilder) -> bool:
+        """Schedule the next slice of a chunked SP prefill in flight (its size is its own
+        budget: decodes then ride in the same step)."""
+        plan = self._sp_prefills[request.request_id]
+        num_tokens = sum(plan.slice_at(request.num_computed_tokens))
+        batch.token_budget = max(batch.token_budget, num_tokens)
+        batch.add(request, num_tokens)
+        return True
+
+    def sp_prefill_plan(self, request_id: str) -> SpPrefillPlan | None:
+        """The SP prefill plan of a request still prefilling over a group, else None."""
+        return self._sp_prefills.get(request_id)
 
     def leader_of(self, request_id: str) -> int:
         """The SP rank leading a placed request (0 when not placed)."""
@@ -126,11 +187,30 @@ class SequenceParallelBooks:
         scheduled.leader = self._leaders[scheduled.request_id]
         plan = self._sp_prefills.get(scheduled.request_id)
         if plan is not None:
-            scheduled.sp_chunk_lens = plan.chunk_lens
+            lens = plan.slice_at(scheduled.num_computed_tokens)
+            scheduled.sp_chunk_lens = lens
+            if plan.slices:  # the KV after this slice: later slices' ranges are not written yet
+                scheduled.kv_ranges = truncate_ranges(
+                    placement.ranges, scheduled.num_computed_tokens + sum(lens),
+                    self.kv_cache_manager.block_size)
             # the last computing rank holds the last token: it samples the first
-            scheduled.leader = max(r for r, n in enumerate(plan.chunk_lens) if n)
+            scheduled.leader = max(r for r, n in enumerate(lens) if n)
             scheduled.sp_attention = plan.sp_attention
             scheduled.csa_levels = plan.csa_levels
             scheduled.csa_micro_batch = plan.csa_micro_batch
         elif len(placement.ranks) == 1:  # all on the leader: a plain block table there
             scheduled.block_ids = [b for r in placement.ranges for b in r.block_ids]
+
+
+def truncate_ranges(ranges: tuple[TokenRange, ...], end: int,
+                    block_size: int) -> tuple[TokenRange, ...]:
+    """The ranges covering positions [0, end), the last one cut at `end`."""
+    kept = []
+    for held in ranges:
+        if held.start >= end:
+            break
+        if held.end > end:
+            held = TokenRange(held.rank, held.start, end,
+                              held.block_ids[:cdiv(end - held.start, block_size)])
+        kept.append(held)
+    return tuple(kept)
