@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 from csps.config import EngineConfig
 from csps.engine.worker import Worker
-from csps.scheduler.output import RunnerOutput, SchedulerOutput
+from csps.scheduler.output import RunnerOutput, SchedulerOutput, Step
 
 
 class Executor(Protocol):
@@ -17,6 +17,16 @@ class Executor(Protocol):
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         """Run one iteration on every worker and return rank 0's output. Raises WorkerError when
         a worker raised, died or timed out; every later call then raises WorkerError at once."""
+        ...
+
+    def submit(self, step: Step) -> None:
+        """Start a step on the workers of its instances (at once, or queued: never blocks on
+        another step's instances). Raises WorkerError as execute_model does."""
+        ...
+
+    def wait_steps(self, timeout_s: float | None = None) -> list[tuple[Step, RunnerOutput]]:
+        """Block until at least one submitted step has finished (none in flight: return []);
+        every step finished by then with its workers' merged output."""
         ...
 
     def check_health(self) -> None:
@@ -33,9 +43,17 @@ class UniProcExecutor:
 
     def __init__(self, **worker_kwargs) -> None:
         self.worker = Worker(**worker_kwargs)
+        self._done: list[tuple[Step, RunnerOutput]] = []
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         return self.worker.execute_model(scheduler_output)
+
+    def submit(self, step: Step) -> None:
+        self._done.append((step, self.worker.execute_step(step)))
+
+    def wait_steps(self, timeout_s: float | None = None) -> list[tuple[Step, RunnerOutput]]:
+        done, self._done = self._done, []
+        return done
 
     def check_health(self) -> None:
         pass

@@ -1,5 +1,7 @@
-"""LLMEngine: the synchronous engine. Validates and admits requests, runs one iteration per
-`step()` (schedule -> execute -> update -> detokenize), and reports vLLM-shaped outputs."""
+"""LLMEngine: the synchronous engine. Validates and admits requests; each `step()` starts the
+scheduler's new steps on the free instances, waits until at least one step in flight finishes,
+and books it (update -> detokenize), reporting vLLM-shaped outputs. Steps on disjoint instances
+run at once (the executor keeps several in flight)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from csps.model.resolve import resolve_model
 from csps.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from csps.request import Request, RequestStatus, SamplingParams
 from csps.scheduler import Scheduler
+from csps.scheduler.output import RunnerOutput, Step
 from csps.scheduler.predictor import build_predictor
 
 ExecutorFactory = Callable[[EngineConfig, dict[str, Any]], Executor]
@@ -63,7 +66,7 @@ class LLMEngine:
                                     config.cache.block_size, dtype,
                                     config.scheduler.policy) if placed else None
         self.scheduler = Scheduler(config.scheduler, kv_cache_manager, self.max_model_len,
-                                   predictor)
+                                   predictor, num_instances=parallel.sequence_parallel_size)
         self._states: dict[str, RequestState] = {}
 
     # ---- admission --------------------------------------------------------------------------
@@ -120,17 +123,30 @@ class LLMEngine:
 
     # ---- the iteration ----------------------------------------------------------------------
     def step(self) -> tuple[list[RequestOutput], IterationStats]:
-        scheduler_output = self.scheduler.schedule()
         now = time.monotonic()
-        for scheduled in scheduler_output.scheduled_requests:
-            metrics = self._states[scheduled.request_id].metrics
-            metrics.first_scheduled_time = metrics.first_scheduled_time or now
-        runner_output = self.executor.execute_model(scheduler_output)
-        updates = self.scheduler.update_from_output(scheduler_output, runner_output)
+        for step in self.scheduler.schedule_steps():
+            for scheduled in step.scheduler_output.scheduled_requests:
+                metrics = self._states[scheduled.request_id].metrics
+                metrics.first_scheduled_time = metrics.first_scheduled_time or now
+            self.executor.submit(step)
+        stats = IterationStats()
+        outputs = []
+        for step, runner_output in self.executor.wait_steps():
+            outputs += self._book(step, runner_output, stats)
+        stats.num_running = self.scheduler.num_running
+        stats.num_waiting = self.scheduler.num_waiting
+        stats.kv_cache_usage = self.scheduler.kv_cache_manager.usage
+        return outputs, stats
+
+    def _book(self, step: Step, runner_output: RunnerOutput,
+              stats: IterationStats) -> list[RequestOutput]:
+        """A finished step: scheduler books, then detokenize and time each new token."""
+        updates = self.scheduler.update_from_step(step, runner_output)
         now = time.monotonic()
-        stats = IterationStats(num_prompt_tokens=scheduler_output.num_prefill_tokens,
-                               num_generation_tokens=len(updates),
-                               comm_bytes=runner_output.comm_bytes)
+        stats.num_prompt_tokens += step.scheduler_output.num_prefill_tokens
+        stats.num_generation_tokens += len(updates)
+        for phase, num_bytes in runner_output.comm_bytes.items():
+            stats.comm_bytes[phase] = stats.comm_bytes.get(phase, 0) + num_bytes
         outputs = []
         for update in updates:
             request = update.request
@@ -148,10 +164,7 @@ class LLMEngine:
                 stats.finished.append(finished_stats(state))
                 del self._states[request.request_id]
             outputs.append(state.to_output(delta, list(update.new_token_ids)))
-        stats.num_running = self.scheduler.num_running
-        stats.num_waiting = self.scheduler.num_waiting
-        stats.kv_cache_usage = self.scheduler.kv_cache_manager.usage
-        return outputs, stats
+        return outputs
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """Finish every live request with an error (the executor died)."""

@@ -1,6 +1,7 @@
 """MultiProcExecutor: spawns sp_size * tp_size worker processes and drives them with one verb,
 `call(method, *args)`: the same Worker method on every rank, every rank's result back (style.md
-example 8). A worker that raises, dies or stalls stops them all; later calls raise at once."""
+example 8); steps go only to their instances' ranks (step_runs.py: several in flight at once). A
+worker that raises, dies or stalls stops them all; later calls raise at once."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Any, NamedTuple, NoReturn
 from csps.engine.errors import WorkerError
 from csps.engine.worker_proc import STOP, WORKER_METHODS, run_worker
 from csps.parallel.groups import find_free_port
-from csps.scheduler.output import RunnerOutput, SchedulerOutput
+from csps.engine.step_runs import StepRuns
+from csps.scheduler.output import RunnerOutput, SchedulerOutput, Step
 
 MAX_PAYLOAD_BYTES = 256 << 20  # largest pickled call; a SchedulerOutput is kilobytes
 READY_TIMEOUT_S = 600.0  # spawn + import + model load of every worker
@@ -75,11 +77,13 @@ class MultiProcExecutor:
                  call_timeout_s: float | None = None,
                  ready_timeout_s: float = READY_TIMEOUT_S) -> None:
         self.world_size = sp_size * tp_size
+        self.tp_size = tp_size
         self.call_timeout_s = call_timeout_s  # None: wait as long as the workers live
         self._failure: Failure | None = None  # the first failure; every later call raises
         self._lock = threading.Lock()  # serialises teardown (check_health may run elsewhere)
         self._procs: list[mp.Process] = []
         self._conns: list[Connection] = []
+        self._runs = StepRuns(self.world_size)
         # NOTE: a finalizer, not __del__: runs once, on shutdown(), garbage collection or exit.
         self._finalizer = weakref.finalize(self, release_workers, self._procs, self._conns)
         try:
@@ -113,6 +117,12 @@ class MultiProcExecutor:
         """Run worker.method(*args) on every rank; the results in rank order. timeout_s (default
         call_timeout_s) bounds the wait. ValueError for a method off WORKER_METHODS or a payload
         over MAX_PAYLOAD_BYTES (nothing is sent); WorkerError if any rank fails."""
+        if self._runs.in_flight:
+            raise RuntimeError(f"call {method!r} while steps are in flight; wait for them")
+        self._send(range(self.world_size), method, args)
+        return self._gather("ok", self.call_timeout_s if timeout_s is None else timeout_s)
+
+    def _send(self, ranks, method: str, args: tuple) -> None:
         self.check_health()
         if method not in WORKER_METHODS:
             raise ValueError(f"{method!r} is not a remotely callable worker method "
@@ -121,12 +131,49 @@ class MultiProcExecutor:
         if len(payload) > MAX_PAYLOAD_BYTES:
             raise ValueError(f"call {method!r}: {len(payload)} bytes pickled, over the "
                              f"{MAX_PAYLOAD_BYTES}-byte limit")
-        for rank, conn in enumerate(self._conns):
+        for rank in ranks:
             try:
-                conn.send_bytes(payload)
+                self._conns[rank].send_bytes(payload)
             except OSError:
                 self._fail([self._died(rank)])
-        return self._gather("ok", self.call_timeout_s if timeout_s is None else timeout_s)
+
+    # ---- steps: each to its instances' ranks, several in flight -----------------------------
+    def submit(self, step: Step) -> None:
+        """Start a step on the ranks of its instances (SP rank s: world ranks s*tp...)."""
+        ranks = [s * self.tp_size + t for s in step.instances for t in range(self.tp_size)]
+        self._runs.start(step, ranks)
+        self._send(ranks, "execute_step", (step,))
+
+    def wait_steps(self, timeout_s: float | None = None) -> list[tuple[Step, RunnerOutput]]:
+        """Block until at least one step in flight has finished on all its ranks; every step
+        finished by then, with its ranks' outputs merged. WorkerError if any rank fails."""
+        timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        done: list[tuple[Step, RunnerOutput]] = []
+        while self._runs.in_flight and not done:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            busy = self._runs.busy_ranks
+            ready = set(wait([*(self._conns[r] for r in busy),
+                              *(p.sentinel for p in self._procs)], remaining))
+            if not ready:
+                self._fail([Failure(r, f"worker rank {r} did not answer within "
+                                       f"{timeout_s:g} s") for r in busy])
+            failures = [self._died(r) for r, p in enumerate(self._procs)
+                        if p.sentinel in ready and r not in busy]
+            for rank in busy:
+                if self._conns[rank] in ready or self._procs[rank].sentinel in ready:
+                    status, payload = self._read(rank)
+                    if status == "ok":
+                        done += self._runs.finish(rank, payload)
+                    elif status == "error":
+                        type_name, message, text = payload
+                        failures.append(Failure(rank, f"worker rank {rank} raised {type_name}: "
+                                                      f"{message}", type_name, message, text))
+                    else:
+                        failures.append(self._died(rank))
+            if failures:
+                self._fail(failures)
+        return done
 
     def check_health(self) -> None:
         failure = self._failure

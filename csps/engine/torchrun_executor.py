@@ -38,7 +38,7 @@ from csps.parallel.control import (
     posted_errors,
 )
 from csps.parallel.groups import destroy_parallel_groups, init_parallel_groups
-from csps.scheduler.output import RunnerOutput, SchedulerOutput
+from csps.scheduler.output import RunnerOutput, SchedulerOutput, Step
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class TorchrunExecutor:
         self.groups, self._calls, self._replies = join_world(sp_size, tp_size)
         self.world_size = self.groups.world_size
         self.worker: Worker | None = None
+        self._done: list[tuple[Step, RunnerOutput]] = []
         try:
             broadcast_object(worker_kwargs, self._calls)
         except Exception as exc:
@@ -104,6 +105,20 @@ class TorchrunExecutor:
         merged.comm_bytes["control"] = merged.comm_bytes.get("control", 0) + control
         return merged
 
+    def submit(self, step: Step) -> None:
+        """Run a step now: every rank takes the broadcast, those outside its instances answer
+        an empty output. NOTE: one step at a time (the control messages are broadcasts to
+        every rank); the spawned-worker executor runs steps on disjoint instances at once."""
+        before = self._stats.bytes_sent["control"]
+        merged = RunnerOutput.merge(self.call("execute_step", step))
+        control = self._stats.bytes_sent["control"] - before
+        merged.comm_bytes["control"] = merged.comm_bytes.get("control", 0) + control
+        self._done.append((step, merged))
+
+    def wait_steps(self, timeout_s: float | None = None) -> list[tuple[Step, RunnerOutput]]:
+        done, self._done = self._done, []
+        return done
+
     def call(self, method: str, *args: Any) -> list[Any]:
         """Run worker.method(*args) on every rank; the results in rank order."""
         self.check_health()
@@ -112,7 +127,7 @@ class TorchrunExecutor:
                              f"(allowed: {sorted(WORKER_METHODS)})")
         try:
             broadcast_object((method, args), self._calls, self._stats)
-            result = getattr(self.worker, method)(*args)
+            result = run_call(self.worker, self.groups, method, args)
             return gather_objects(result, self._replies, self._stats)
         except Exception as exc:
             self._fail(exc)
@@ -157,6 +172,13 @@ def local_worker_kwargs(worker_kwargs: dict[str, Any], config: EngineConfig) -> 
     return worker_kwargs
 
 
+def run_call(worker: Worker, groups, method: str, args: tuple) -> Any:
+    """worker.method(*args); a step whose instances leave this rank out gets an empty output."""
+    if method == "execute_step" and groups.sp_rank not in args[0].instances:
+        return RunnerOutput()
+    return getattr(worker, method)(*args)
+
+
 def run_torchrun_worker(config: EngineConfig) -> int:
     """A rank other than 0: serve rank 0's calls until it stops us (returns 0). On an error the
     rank posts it, prints it and exits with status 1 at once: its peers may be stuck in a
@@ -176,7 +198,7 @@ def run_torchrun_worker(config: EngineConfig) -> int:
                 break
             if method not in WORKER_METHODS:
                 raise ValueError(f"worker method {method!r} is not callable remotely")
-            gather_objects(getattr(worker, method)(*args), replies)
+            gather_objects(run_call(worker, groups, method, args), replies)
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, then this rank exits
         post_error(error_payload(exc))
         traceback.print_exc()

@@ -13,7 +13,7 @@ from csps.kvcache.paged_cache import allocate_kv_caches
 from csps.model.loader import load_model
 from csps.parallel.comm import CommStats
 from csps.parallel.csa_config import CsaConfig
-from csps.scheduler.output import RunnerOutput, SchedulerOutput
+from csps.scheduler.output import RunnerOutput, SchedulerOutput, Step
 
 if TYPE_CHECKING:
     from csps.parallel.groups import ParallelGroups
@@ -66,6 +66,11 @@ class Worker:
         self.runner = ModelRunner(self.model, kv_caches, block_size, self.device, Sampler(seed),
                                   sp_rank=sp_rank, sp_size=sp_size,
                                   csa_options=(csa_levels, csa_far_queries, csa_micro_batch))
+
+    def execute_step(self, step: Step) -> RunnerOutput:
+        """Run a step of this rank's instances. NOTE: collectives still span the whole SP
+        group: steps on part of it are only safe without cross-rank work."""
+        return self.execute_model(step.scheduler_output)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         before = dict(self.comm_stats.bytes_sent)

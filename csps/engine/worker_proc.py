@@ -22,7 +22,7 @@ from csps.engine.worker import Worker
 from csps.parallel.groups import destroy_parallel_groups, init_parallel_groups
 
 # Worker methods the executor may call. Add a name here to expose a method; nothing else runs.
-WORKER_METHODS = frozenset({"execute_model"})
+WORKER_METHODS = frozenset({"execute_model", "execute_step"})
 STOP = "stop"  # the executor's shutdown message; not a Worker method
 
 

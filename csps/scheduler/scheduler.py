@@ -37,11 +37,14 @@ class Scheduler(SequenceParallelBooks, StepBooks):
     def __init__(self, config: SchedulerConfig,
                  kv_cache_manager: KVCacheManager | DistributedKVCacheManager,
                  max_model_len: int, predictor: StepPredictor | None = None,
-                 allowed_sp_degrees: Sequence[int] | None = None) -> None:
+                 allowed_sp_degrees: Sequence[int] | None = None,
+                 num_instances: int | None = None) -> None:
         """predictor: prices candidate iterations for the policies that plan with a cost model
         (sps2's configurator, loongserve). allowed_sp_degrees: SP prefill group sizes the
         workers can run; default {1, P} (an SP prefill spans the whole group; 1 = a rank's
-        local prefill); the simulator may allow any of 1..P."""
+        local prefill); the simulator may allow any of 1..P. num_instances: the SP ranks a
+        lock-step step spans (default: the KV manager's ranks; more when a policy that keeps
+        one pool runs over several SP ranks)."""
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.max_model_len = max_model_len
@@ -57,7 +60,7 @@ class Scheduler(SequenceParallelBooks, StepBooks):
         # the SP rank that runs its tokens, and this iteration's SP prefills.
         self._leaders: dict[str, int] = {}
         self._sp_prefills: dict[str, SpPrefillPlan] = {}  # requests prefilling over a group
-        self._init_steps()
+        self._init_steps(num_instances)
 
     # ---- queue management -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -160,7 +163,7 @@ class Scheduler(SequenceParallelBooks, StepBooks):
         """One lock-step iteration over every instance (the policy's `schedule`)."""
         batch = BatchBuilder(self.token_budget)
         self.policy.schedule(self, batch)
-        output = self._emit(batch, tuple(range(self.sp_size)))
+        output = self._emit(batch, tuple(range(self.num_instances)))
         for request_id, plan in list(self._sp_prefills.items()):
             if not plan.slices:  # a whole-prompt SP prefill is one iteration
                 del self._sp_prefills[request_id]

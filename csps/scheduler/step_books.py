@@ -24,7 +24,8 @@ class StepBooks:
     """Needs the Scheduler's policy, running/waiting queues, kv_cache_manager, _leaders,
     is_distributed, sp_size, schedule(), _emit() and update_from_output()."""
 
-    def _init_steps(self) -> None:
+    def _init_steps(self, num_instances: int | None = None) -> None:
+        self._num_instances = num_instances
         self._steps: dict[int, Step] = {}  # in flight, by step id
         self._busy: dict[int, int] = {}  # instance -> the step id running on it
         self.in_flight_ids: set[str] = set()  # requests some running step holds
@@ -35,7 +36,7 @@ class StepBooks:
 
     @property
     def num_instances(self) -> int:
-        return self.sp_size
+        return self._num_instances or self.sp_size
 
     @property
     def steps_in_flight(self) -> list[Step]:
@@ -56,7 +57,7 @@ class StepBooks:
     # ---- notices: what each instance's workers must drop --------------------------------------
     def _notify(self, finished: str | None = None, preempted: str | None = None) -> None:
         if not self._notices:
-            self._notices = [([], []) for _ in range(max(1, self.sp_size))]
+            self._notices = [([], []) for _ in range(self.num_instances)]
         for fin, pre in self._notices:
             if finished is not None:
                 fin.append(finished)
@@ -83,7 +84,8 @@ class StepBooks:
             if self._steps:
                 return []
             output = self.schedule()
-            return [] if output.is_empty else [self._launch(tuple(range(self.sp_size)), output)]
+            everyone = tuple(range(self.num_instances))
+            return [] if output.is_empty else [self._launch(everyone, output)]
         if self._reserved_for is not None and (
                 not self.waiting or self.waiting[0].request_id != self._reserved_for):
             self.reserved = self._reserved_for = None

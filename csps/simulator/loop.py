@@ -3,9 +3,11 @@
 Events are request arrivals and step ends, kept in one heap by time. At each event time the loop
 first ends the steps due (the scheduler books their outputs: one fabricated token per sampling
 request, so a request stops only at its max_tokens or max_model_len), then hands arrivals to a
-replica (an SP x TP group with its own Scheduler; least unfinished requests first), then starts a
-step on every idle replica that has work: `scheduler.schedule()`, priced by a StepTimer, ending
-that many seconds later. Only time is simulated; every decision is the scheduler's own.
+replica (an SP x TP group with its own Scheduler; least unfinished requests first), then asks
+every replica with free instances and work for new steps (`scheduler.schedule_steps()`, the
+engine's call): each is priced by a StepTimer and ends that many seconds later, so every
+instance runs on its own clock and steps on disjoint instances overlap. Only time is simulated;
+every decision is the scheduler's own.
 Under `max_concurrency` an arrival waits until fewer requests are in flight (vLLM's client).
 No torch.
 """
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 
 from csps.request import Request, SamplingParams
 from csps.scheduler import RunnerOutput, Scheduler
-from csps.scheduler.output import SchedulerOutput
+from csps.scheduler.output import SchedulerOutput, Step
 from csps.simulator.timer import StepCost, StepTimer
 
 STEP_END, ARRIVAL = 0, 1  # at equal times, steps end before new requests arrive
@@ -87,14 +89,14 @@ class Simulator:
         self.stats = [ReplicaStats() for _ in self.schedulers]
         self.clock = 0.0
         self.wall_s = 0.0  # real seconds the last run took
-        self._in_flight: list[SchedulerOutput | None] = [None] * len(self.schedulers)
+        self._in_flight: dict[int, tuple[int, Step]] = {}  # event seq -> (replica, step)
         self._events: list[tuple[float, int, int, int]] = []  # (time, kind, seq, index)
         self._seq = 0
         self._records: list[RequestRecord] = []
         self._live: dict[str, RequestRecord] = {}  # sent and not finished
         self._backlog: deque[int] = deque()  # arrived, waiting for a concurrency slot
-        # Replicas with no step running and unfinished requests (blocked ones included): the
-        # only ones a new step can start on. Replicas share nothing, so no other can change.
+        # Replicas where something changed (a step ended, a request arrived) and that have
+        # unfinished requests: the only ones a new step can start on.
         self._ready: set[int] = set()
 
     def run(self, records: Sequence[RequestRecord]) -> list[RequestRecord]:
@@ -107,9 +109,9 @@ class Simulator:
             now = self._events[0][0]
             self.clock = now
             while self._events and self._events[0][0] == now:
-                _, kind, _, index = heapq.heappop(self._events)
+                _, kind, seq, index = heapq.heappop(self._events)
                 if kind == STEP_END:
-                    self._end_step(index, now)
+                    self._end_step(seq, now)
                 else:
                     self._backlog.append(index)
             self._send_backlog(now)
@@ -122,9 +124,10 @@ class Simulator:
         self.wall_s = time.perf_counter() - start
         return self._records
 
-    def _push(self, at: float, kind: int, index: int) -> None:
+    def _push(self, at: float, kind: int, index: int) -> int:
         heapq.heappush(self._events, (at, kind, self._seq, index))
         self._seq += 1
+        return self._seq - 1
 
     def _send_backlog(self, now: float) -> None:
         while self._backlog and (self.max_concurrency is None
@@ -149,8 +152,7 @@ class Simulator:
                 self._fail(record, now, str(exc))
                 continue
             self._live[record.request_id] = record
-            if self._in_flight[replica] is None:
-                self._ready.add(replica)
+            self._ready.add(replica)
 
     def _fail(self, record: RequestRecord, now: float, error: str) -> None:
         record.error, record.finish_s = error, now
@@ -159,28 +161,27 @@ class Simulator:
 
     def _start_step(self, replica: int, now: float) -> None:
         scheduler = self.schedulers[replica]
+        self._ready.discard(replica)  # until a step ends or a request arrives there
         if not scheduler.has_unfinished_requests():
-            self._ready.discard(replica)
             return
-        output = scheduler.schedule()
-        if output.is_empty:
-            return  # blocked (stays ready) until an arrival or a step elsewhere changes things
-        self._ready.discard(replica)
-        for scheduled in output.scheduled_requests:
-            if scheduled.num_computed_tokens == 0:  # a first chunk (or a recompute's)
-                record = self._live[scheduled.request_id]
-                if record.first_scheduled_s is None:
-                    record.first_scheduled_s = now
-        cost = self.timer(output)
-        self.stats[replica].add(output, cost)
-        self._in_flight[replica] = output
-        self._push(now + cost.seconds, STEP_END, replica)
+        for step in scheduler.schedule_steps():
+            output = step.scheduler_output
+            for scheduled in output.scheduled_requests:
+                if scheduled.num_computed_tokens == 0:  # a first chunk (or a recompute's)
+                    record = self._live[scheduled.request_id]
+                    if record.first_scheduled_s is None:
+                        record.first_scheduled_s = now
+            cost = self.timer(output)
+            self.stats[replica].add(output, cost)
+            seq = self._push(now + cost.seconds, STEP_END, replica)
+            self._in_flight[seq] = (replica, step)
 
-    def _end_step(self, replica: int, now: float) -> None:
-        output, self._in_flight[replica] = self._in_flight[replica], None
-        self._ready.add(replica)  # _start_step drops it if nothing is left
-        sampled = {r.request_id: FAKE_TOKEN for r in output.scheduled_requests if r.do_sample}
-        for update in self.schedulers[replica].update_from_output(output, RunnerOutput(sampled)):
+    def _end_step(self, seq: int, now: float) -> None:
+        replica, step = self._in_flight.pop(seq)
+        self._ready.add(replica)
+        sampled = {r.request_id: FAKE_TOKEN for r in step.scheduler_output.scheduled_requests
+                   if r.do_sample}
+        for update in self.schedulers[replica].update_from_step(step, RunnerOutput(sampled)):
             record = self._live[update.request.request_id]
             record.token_times.append(now)
             if update.finished:
