@@ -31,12 +31,17 @@ class AttentionMetadata:
     # SP prefill only: tokens of the single request's prompt held by each rank of the SP group,
     # in rank (= sequence) order; this batch is this rank's chunk. None: no sequence parallelism.
     sp_chunk_lens: list[int] | None = None
+    # ... and the step's rank that runs chunk 0 (the prefill's group: sp_group_first onwards).
+    sp_group_first: int = 0
     # SP decode only: the q-move exchange of decodes whose KV spans SP ranks. Their rows come
     # after the R requests above (which describe the rank's other, local rows).
     sp_decode: SpDecodePlan | None = None
     # SP prefill only: per-request algorithm / CSA choice and KV placement other than "each
     # rank keeps its own chunk" (None: the backend's defaults).
     sp_prefill: SpPrefillPlan | None = None
+    # A step's SP prefill slice batched after the rows above (stall-free hybrid batching under
+    # SP): its own SP-prefill metadata (built by build_sp_prefill), its rows last.
+    sp_slice: AttentionMetadata | None = None
 
     @classmethod
     def build(cls, requests: Sequence[tuple[int, int, Sequence[int]]], block_size: int,
@@ -82,24 +87,29 @@ class AttentionMetadata:
     def build_sp_prefill(cls, chunk_lens: Sequence[int], sp_rank: int,
                          device: torch.device | str, slot_mapping: torch.Tensor | None = None,
                          block_size: int = 0,
-                         plan: SpPrefillPlan | None = None) -> AttentionMetadata:
+                         plan: SpPrefillPlan | None = None,
+                         num_computed: int = 0, group_first: int = 0) -> AttentionMetadata:
         """This rank's view of one prompt prefilled by sequence parallelism (algorithms.md §2.1).
 
         The rank's rows are chunk sp_rank of chunk_lens; slot_mapping [chunk_lens[sp_rank]]
         (int64) says where its chunk's K/V go in its own cache, None for no cache. The caller
         passes the chunk's global positions to the model. With a plan that migrates KV,
-        slot_mapping is None and the plan's kv_keep says what goes where. Raises ValueError on
-        a bad layout.
+        slot_mapping is None and the plan's kv_keep says what goes where. num_computed: the
+        first position of this slice of a chunked SP prefill (the plan's prefix_slots say
+        where this rank holds the KV before it); group_first: the step's rank running chunk 0
+        (sp_rank counts from it). Raises ValueError on a bad layout.
         """
-        if any(n < 1 for n in chunk_lens) or not 0 <= sp_rank < len(chunk_lens):
+        if min(chunk_lens, default=0) < 0 or chunk_lens[sp_rank:sp_rank + 1] in ([], [0]) \
+                or not 0 <= sp_rank < len(chunk_lens):
             raise ValueError(f"bad SP layout: chunk_lens={list(chunk_lens)}, rank {sp_rank}")
         num_local = chunk_lens[sp_rank]
         if slot_mapping is not None and slot_mapping.shape != (num_local,):
             raise ValueError(f"slot_mapping must have shape [{num_local}], got "
                              f"{tuple(slot_mapping.shape)}")
-        return cls._from_lists([0], [num_local], device, block_size=block_size,
+        return cls._from_lists([num_computed], [num_local], device, block_size=block_size,
                                slot_mapping=slot_mapping, block_tables=None,
-                               sp_chunk_lens=list(chunk_lens), sp_prefill=plan)
+                               sp_chunk_lens=list(chunk_lens), sp_prefill=plan,
+                               sp_group_first=group_first)
 
     @classmethod
     def _from_lists(cls, computed: list[int], query_lens: list[int], device: torch.device | str,

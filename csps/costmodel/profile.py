@@ -99,15 +99,28 @@ def plan_workloads(config: ProfileConfig, max_len: int, threshold: int,
 
 
 class _RecordingExecutor:
-    """Wraps the engine's executor to keep the last (SchedulerOutput, RunnerOutput) pair."""
+    """Wraps the engine's executor to keep the (SchedulerOutput, RunnerOutput) pairs of the
+    steps finished since the last take()."""
 
     def __init__(self, inner) -> None:
-        self.inner, self.last = inner, None
+        self.inner, self.finished = inner, []
 
     def execute_model(self, scheduler_output):
         runner_output = self.inner.execute_model(scheduler_output)
-        self.last = (scheduler_output, runner_output)
+        self.finished.append((scheduler_output, runner_output))
         return runner_output
+
+    def submit(self, step) -> None:
+        self.inner.submit(step)
+
+    def wait_steps(self, timeout_s=None):
+        done = self.inner.wait_steps(timeout_s)
+        self.finished.extend((step.scheduler_output, out) for step, out in done)
+        return done
+
+    def take(self) -> list:
+        finished, self.finished = self.finished, []
+        return finished
 
     def check_health(self) -> None:
         self.inner.check_health()
@@ -174,7 +187,7 @@ def run_profile(config: ProfileConfig, shape: ModelShape, max_position: int,
             max_num_batched_tokens=token_budget(threshold),
             # NOTE: the threshold rule decides SP vs local, not the sps2 configurator priced
             # by an earlier profile (which would skew what this one measures)
-            cost_model="none",
+            cost_model="none", lockstep=True,  # one step per engine step: its time
             **({"long_prompt_threshold": threshold} if config.sp_size > 1 else {})),
             executor_factory=factory)
         try:
@@ -216,7 +229,8 @@ def _run(engine, recorder: _RecordingExecutor, workload: Workload,
         start = time.perf_counter()
         engine.step()
         step_s = time.perf_counter() - start
-        output, runner_output = recorder.last
-        if not output.is_empty:
-            steps.append((output, step_s, runner_output.execute_time_s))
+        # NOTE: the profile's engines run lock-step: one step per engine step
+        for output, runner_output in recorder.take():
+            if not output.is_empty:
+                steps.append((output, step_s, runner_output.execute_time_s))
     return steps

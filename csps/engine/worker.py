@@ -9,6 +9,7 @@ import torch
 
 from csps.engine.model_runner import ModelRunner
 from csps.engine.sampler import Sampler
+from csps.engine.step_view import local_output
 from csps.kvcache.paged_cache import allocate_kv_caches
 from csps.model.loader import load_model
 from csps.parallel.comm import CommStats
@@ -56,6 +57,7 @@ class Worker:
                    if sp_attention == "csa" else None)
             backend, tp = make_parallel_context(groups, sp_attention, self.comm_stats,
                                                 sp_decode, csa)
+        self.backend = backend
         self.model = load_model(model_dir, dtype=TORCH_DTYPES[dtype], device=self.device,
                                 attn_backend=backend, tp=tp)
         kv_caches = allocate_kv_caches(
@@ -68,9 +70,18 @@ class Worker:
                                   csa_options=(csa_levels, csa_far_queries, csa_micro_batch))
 
     def execute_step(self, step: Step) -> RunnerOutput:
-        """Run a step of this rank's instances. NOTE: collectives still span the whole SP
-        group: steps on part of it are only safe without cross-rank work."""
-        return self.execute_model(step.scheduler_output)
+        """Run a step of this rank's instances on their process group (ranks in the step
+        counted from its first instance; engine/step_view.py)."""
+        if self.groups is None:
+            if step.instances != (0,):
+                raise ValueError(f"a single-process worker runs instance 0, got {step.instances}")
+            return self.execute_model(step.scheduler_output)
+        first, size = step.instances[0], len(step.instances)
+        if not first <= self.groups.sp_rank < first + size:
+            raise ValueError(f"SP rank {self.groups.sp_rank} got a step of {step.instances}")
+        self.backend.bind(first, size)
+        self.runner.sp_rank, self.runner.sp_size = self.groups.sp_rank - first, size
+        return self.execute_model(local_output(step))
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         before = dict(self.comm_stats.bytes_sent)

@@ -37,6 +37,12 @@ class KVCache:
         self.k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
         self.v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
+    def read_slots(self, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [T, num_kv_heads, head_dim] (copies) at slots slot_mapping [T] (int64)."""
+        num_kv_heads, head_dim = self.k_cache.shape[2:]
+        return (self.k_cache.view(-1, num_kv_heads, head_dim).index_select(0, slot_mapping),
+                self.v_cache.view(-1, num_kv_heads, head_dim).index_select(0, slot_mapping))
+
     def gather_blocks(self, block_ids: torch.Tensor,
                       out: tuple[torch.Tensor, torch.Tensor] | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,11 +24,12 @@ from csps.parallel.sp_layout import check_local_qkv, chunk_starts
 
 def allgather_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            chunk_lens: Sequence[int], comm: Communicator,
-                           scale: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, return_lse: bool = False):
     """Causal attention of the whole sequence, returned for this rank's query rows.
 
     Same contract as ulysses_attention: q [n_r, Hq, D], k/v [n_r, Hkv, D] of this rank's
-    chunk, chunk_lens [P] in rank order; collective over comm's group. Returns [n_r, Hq, D].
+    chunk, chunk_lens [P] in rank order; collective over comm's group. Returns [n_r, Hq, D]
+    (with return_lse also its log-sum-exp [n_r, Hq] fp32).
     """
     rank = comm.rank
     check_local_qkv(q, k, v, chunk_lens, rank, comm.size)
@@ -37,21 +38,23 @@ def allgather_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     start = chunk_starts(chunk_lens)[rank]
     n_r = chunk_lens[rank]
     if n_r == 0:
-        return q.new_empty(q.shape)
+        empty = q.new_empty(q.shape)
+        return (empty, q.new_empty(q.shape[:2], dtype=torch.float32)) if return_lse else empty
     # Keys after this chunk's last query are never seen: cut them before attending.
     keys, values = kv[:start + n_r].split([num_kv_heads, num_kv_heads], dim=1)
-    return _offset_causal_attention(q, keys, values, start, scale)
+    out, lse = _offset_causal_attention(q, keys, values, start, scale)
+    return (out, lse) if return_lse else out
 
 
 def _offset_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int,
-                             scale: float | None) -> torch.Tensor:
-    """q [n, Hq, D] at positions offset..offset+n-1; k/v [offset + n, Hkv, D] -> [n, Hq, D]."""
+                             scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [n, Hq, D] at positions offset..offset+n-1; k/v [offset + n, Hkv, D] -> (out
+    [n, Hq, D], lse [n, Hq] fp32)."""
     # NOTE: one SDPA call with a shifted-triangle mask would compute every masked tile (CPU
     # SDPA aligns is_causal top-left); instead: the earlier keys unmasked, the own block
     # causal, merged by log-sum-exp.
     own_out, own_lse = partial_attention(q, k[offset:], v[offset:], scale=scale, causal=True)
     if offset == 0:
-        return own_out
+        return own_out, own_lse
     early_out, early_lse = partial_attention(q, k[:offset], v[:offset], scale=scale)
-    out, _ = merge_attn_states([early_out, own_out], [early_lse, own_lse])
-    return out
+    return merge_attn_states([early_out, own_out], [early_lse, own_lse])

@@ -42,12 +42,13 @@ from csps.parallel.sp_layout import check_local_qkv, chunk_starts
 
 def csa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   chunk_lens: Sequence[int], comm: Communicator, scale: float | None = None,
-                  *, config: CsaConfig) -> torch.Tensor:
+                  *, config: CsaConfig, return_lse: bool = False):
     """Sparse causal attention of the whole sequence, returned for this rank's query rows.
 
     Same contract as ulysses_attention: q [n_r, Hq, D], k/v [n_r, Hkv, D] of this rank's
     chunk, chunk_lens [P] in rank order; collective over comm's group (every rank makes the
-    same all-to-alls, empty where it has nothing to send). Returns [n_r, Hq, D].
+    same all-to-alls, empty where it has nothing to send). Returns [n_r, Hq, D] (with
+    return_lse also its log-sum-exp [n_r, Hq] fp32).
     """
     rank, size = comm.rank, comm.size
     check_local_qkv(q, k, v, chunk_lens, rank, size)
@@ -72,8 +73,10 @@ def csa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             outs.append(part[0])
             lses.append(part[1])
     if not n_r:
-        return q.new_empty(q.shape)
-    return merge_attn_states(outs, lses)[0].to(q.dtype)
+        empty = q.new_empty(q.shape)
+        return (empty, q.new_empty(q.shape[:2], dtype=torch.float32)) if return_lse else empty
+    out, lse = merge_attn_states(outs, lses)
+    return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
 
 
 def _far_ranks(rank: int, inner: int, outer: int) -> range:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,10 @@ class ParallelGroups:
     tp_group: dist.ProcessGroup  # ranks with this sp_rank, in tp_rank order
     cpu_group: dist.ProcessGroup  # gloo over the whole world, for control messages
     backend: str  # "gloo" or "nccl": the backend of sp_group and tp_group
+    # (first sp_rank, size) -> the group of SP ranks first .. first + size - 1 with this
+    # tp_rank, for every such contiguous part of the SP group that holds this rank: the groups
+    # of steps on part of the SP group (per-instance steps, sub-group SP prefills).
+    sp_subgroups: dict[tuple[int, int], dist.ProcessGroup] = field(default_factory=dict)
 
     @property
     def sp_ranks(self) -> list[int]:
@@ -81,9 +85,19 @@ def init_parallel_groups(sp_size: int, tp_size: int,
         group = dist.new_group([s * tp_size + t for s in range(sp_size)], backend=backend)
         sp_group = group if t == tp_rank else sp_group
     cpu_group = dist.new_group(list(range(world_size)), backend="gloo")
+    subgroups = {}
+    for size in range(1, sp_size):  # the whole SP group is sp_group
+        for first in range(sp_size - size + 1):
+            for t in range(tp_size):
+                group = dist.new_group([s * tp_size + t for s in range(first, first + size)],
+                                       backend=backend)
+                if t == tp_rank and first <= sp_rank < first + size:
+                    subgroups[(first, size)] = group
+    subgroups[(0, sp_size)] = sp_group
     return ParallelGroups(world_size=world_size, rank=rank, sp_size=sp_size, tp_size=tp_size,
                           sp_rank=sp_rank, tp_rank=tp_rank, sp_group=sp_group,
-                          tp_group=tp_group, cpu_group=cpu_group, backend=backend)
+                          tp_group=tp_group, cpu_group=cpu_group, backend=backend,
+                          sp_subgroups=subgroups)
 
 
 def destroy_parallel_groups() -> None:

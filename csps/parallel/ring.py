@@ -24,15 +24,16 @@ from csps.parallel.sp_layout import check_local_qkv
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    chunk_lens: Sequence[int], comm: Communicator,
                    scale: float | None = None,
-                   on_block: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
-                   ) -> torch.Tensor:
+                   on_block: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                   return_lse: bool = False):
     """Causal attention of the whole sequence, returned for this rank's query rows.
 
     Same contract as ulysses_attention: q [n_r, Hq, D], k/v [n_r, Hkv, D] of this rank's
     chunk, chunk_lens [P] in rank order; collective over comm's group. Returns [n_r, Hq, D].
     on_block(src, k [n_src, Hkv, D], v) is called once for every chunk, the own one included,
     while it is in hand: every chunk passes every rank, so a rank can keep any of them
-    (LoongServe's scale-down, attention/sp_prefill_plan.py).
+    (LoongServe's scale-down, attention/sp_prefill_plan.py). With return_lse also the
+    log-sum-exp [n_r, Hq] fp32.
     """
     rank, sp_size = comm.rank, comm.size
     check_local_qkv(q, k, v, chunk_lens, rank, sp_size)
@@ -59,5 +60,5 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if pending is not None:
             block = pending.wait()
     if out is None:  # this rank holds no queries
-        return q.new_empty(q.shape)
-    return out.to(q.dtype)
+        out, lse = q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+    return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)

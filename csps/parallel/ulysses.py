@@ -23,18 +23,21 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from csps.attention.partial import partial_attention
 from csps.parallel.comm import Communicator
 from csps.parallel.sp_layout import check_local_qkv, kv_head_ranges, query_head_range
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       chunk_lens: Sequence[int], comm: Communicator,
-                      scale: float | None = None) -> torch.Tensor:
+                      scale: float | None = None, return_lse: bool = False):
     """Causal attention of the whole sequence, returned for this rank's query rows.
 
     q [n_r, Hq, D], k/v [n_r, Hkv, D]: this rank's chunk (RoPE at global positions); chunk_lens
     [P] in rank (= sequence) order on comm's group. Collective: every rank of the group calls
-    it with the same chunk_lens and head counts. Returns [n_r, Hq, D] in q's dtype.
+    it with the same chunk_lens and head counts. Returns [n_r, Hq, D] in q's dtype, and with
+    return_lse also the log-sum-exp [n_r, Hq] fp32 (a second, small reverse all-to-all): what
+    a chunked SP prefill merges with its prefix's part (sp_prefix.py).
     """
     rank, sp_size = comm.rank, comm.size
     group_size = check_local_qkv(q, k, v, chunk_lens, rank, sp_size)
@@ -53,14 +56,24 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     full_q, full_k, full_v = qkv.split([my_q, my_kv, my_kv], dim=1)
 
     out = qkv.new_empty(my_q, num_tokens, head_dim)  # [hq_r, N, D], head-major
+    lse = qkv.new_full((my_q, num_tokens), float("-inf"), dtype=torch.float32)  # [hq_r, N]
     if my_q and num_tokens:
-        out = _causal_attention(full_q, full_k, full_v, scale)
+        if return_lse:
+            out, lse = partial_attention(full_q, full_k, full_v, scale=scale, causal=True)
+            out, lse = out.transpose(0, 1), lse.transpose(0, 1).contiguous()
+        else:
+            out = _causal_attention(full_q, full_k, full_v, scale)
 
     # Reverse: to rank j, j's rows of my heads [hq_r, n_j, D]; back come [hq_j, n_r, D].
-    row_blocks = out.split(list(chunk_lens), dim=1)
     n_r = chunk_lens[rank]
-    parts = comm.all_to_all(list(row_blocks), [(len(qh), n_r, head_dim) for qh in q_ranges])
-    return torch.cat(parts).transpose(0, 1).contiguous().to(q.dtype)  # [n_r, Hq, D]
+    parts = comm.all_to_all(list(out.split(list(chunk_lens), dim=1)),
+                            [(len(qh), n_r, head_dim) for qh in q_ranges])
+    result = torch.cat(parts).transpose(0, 1).contiguous().to(q.dtype)  # [n_r, Hq, D]
+    if not return_lse:
+        return result
+    parts = comm.all_to_all(list(lse.split(list(chunk_lens), dim=1)),
+                            [(len(qh), n_r) for qh in q_ranges])
+    return result, torch.cat(parts).transpose(0, 1).contiguous()  # [n_r, Hq] fp32
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -1,5 +1,6 @@
 """What a worker process needs from its place in the SP x TP grid: the attention backend for
-its SP group and the tensor-parallel context for its TP group, sharing one CommStats."""
+its SP group (and each contiguous part of it holding this rank, for steps on part of the
+group) and the tensor-parallel context for its TP group, sharing one CommStats."""
 
 from __future__ import annotations
 
@@ -15,10 +16,15 @@ def make_parallel_context(groups: ParallelGroups, sp_attention: str, stats: Comm
                           ) -> tuple[SequenceParallelAttention, TensorParallelContext | None]:
     """(attention backend on the SP group, TP context or None when tp_size is 1). Prefill
     attention, decode attention and TP traffic are counted in their own phases of `stats`."""
-    backend = SequenceParallelAttention(
-        Communicator(groups.sp_group, stats, "prefill_attn"), sp_attention,
-        decode_comm=Communicator(groups.sp_group, stats, "decode_attn"), decode_mode=sp_decode,
-        csa_config=csa_config)
+    comms = {key: (Communicator(group, stats, "prefill_attn"),
+                   Communicator(group, stats, "decode_attn"))
+             for key, group in groups.sp_subgroups.items()}
+    prefill_comm, decode_comm = comms.get((0, groups.sp_size)) or (
+        Communicator(groups.sp_group, stats, "prefill_attn"),
+        Communicator(groups.sp_group, stats, "decode_attn"))
+    backend = SequenceParallelAttention(prefill_comm, sp_attention, decode_comm=decode_comm,
+                                        decode_mode=sp_decode, csa_config=csa_config,
+                                        sub_groups=comms)
     tp = None
     if groups.tp_size > 1:
         tp = TensorParallelContext(groups.tp_rank, groups.tp_size,

@@ -48,11 +48,12 @@ class SpPrefillPlan:
 def slice_prompt(num_tokens: int, group: list[int], sp_size: int, chunk: int,
                  block_size: int) -> tuple[tuple[int, ...], ...]:
     """A chunked SP prefill's slices: each the next `chunk` tokens per rank of `group` (whole
-    blocks), the last one the rest split by split_prompt; lengths indexed by SP rank."""
+    blocks), the last one the rest split by split_prompt (a rest too short to give every rank
+    a token joins the slice before it); lengths indexed by SP rank."""
     per_rank = max(block_size, chunk // block_size * block_size)
     slices, left = [], num_tokens
     while left > 0:
-        if left > per_rank * len(group):
+        if left >= (per_rank + 1) * len(group):
             lens = [per_rank] * len(group)
         else:
             lens = split_prompt(left, len(group), block_size)
