@@ -80,7 +80,7 @@ class SchedulerConfig:
     hybrid_batching: bool = field(default=False, metadata=_help(
         "sps2: let prefill chunks ride in decode iterations (Sarathi-style hybrid batching) "
         "instead of alternating separate prefill and decode iterations."))
-    sp_prefill_chunk: int = field(default=0, metadata=_help(
+    sp_prefill_chunk: int = field(default=512, metadata=_help(
         "sps2: tokens per rank of one slice of a chunked SP prefill (rounded down to whole "
         "blocks); each slice is one step of its SP group, carrying the group's decodes, so a "
         "decode waits at most one slice. 0: prefill a long prompt whole in one step."))
@@ -88,7 +88,7 @@ class SchedulerConfig:
         "sps2 with a cost model: seconds a step may take; the configurator picks the SP degree "
         "and slice size with the least predicted TTFT whose predicted step time stays under "
         "it (unset: --sp-prefill-chunk)."))
-    lockstep: bool = field(default=True, metadata=_help(
+    lockstep: bool = field(default=False, metadata=_help(
         "sps2: run one step over all SP ranks at a time (the engine before per-instance "
         "steps: SP prefills whole and alone, decode iterations between), for comparison."))
     cost_model: str = field(default="", metadata=_help(

@@ -42,6 +42,11 @@ CASES_P2 = [  # (sp_attention, csa_far_queries, csa_micro_batch, sp_decode)
     ("csa", "sampled", "1x8", "qmove"),
 ]
 CASES_P2_TP2 = [("ulysses", "all", "", "qmove"), ("csa", "all", "1x8", "qmove")]
+# Chunked SP prefill on per-instance steps (slices of 16 tokens per rank: later slices attend
+# to the earlier ones by the prefix exchange, decodes ride in the slices' steps).
+CHUNK = 16
+CASES_CHUNKED = [("ulysses", "all", "", "qmove"), ("ring", "all", "", "qmove"),
+                 ("csa", "all", "", "qmove")]
 
 
 def _parallel(sp_size: int, tp_size: int, case: tuple) -> ParallelConfig:
@@ -52,14 +57,16 @@ def _parallel(sp_size: int, tp_size: int, case: tuple) -> ParallelConfig:
 
 
 def _rank(rank: int, world_size: int, model_dir, sp_size: int, tp_size: int,
-          cases: list) -> dict:
-    """Per case: every iteration's SchedulerOutput and this rank's bytes / calls per phase."""
+          cases: list, chunk: int = 0) -> dict:
+    """Per case: every step's SchedulerOutput and this rank's bytes / calls per phase (chunk:
+    sps2 on per-instance steps with slices of `chunk` tokens per rank; 0: lock-step)."""
     groups = init_parallel_groups(sp_size, tp_size, backend="gloo")
     arch = read_arch_config(model_dir)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, arch.vocab_size, (n,), generator=gen).tolist()
                for n in PROMPT_LENS]
-    config = SchedulerConfig(policy="sps2", long_prompt_threshold=32, max_num_batched_tokens=8)
+    config = SchedulerConfig(policy="sps2", long_prompt_threshold=32, max_num_batched_tokens=8,
+                             lockstep=not chunk, sp_prefill_chunk=chunk)
     result = {"sp_rank": groups.sp_rank, "tp_rank": groups.tp_rank, "cases": []}
     for case in cases:
         parallel = _parallel(sp_size, tp_size, case)
@@ -68,21 +75,24 @@ def _rank(rank: int, world_size: int, model_dir, sp_size: int, tp_size: int,
                         sp_decode=parallel.sp_decode, csa_levels=parallel.resolved_csa_levels,
                         csa_far_queries=parallel.csa_far_queries,
                         csa_micro_batch=parallel.csa_micro_batch)
-        scheduler = Scheduler(config, DistributedKVCacheManager(sp_size, NUM_BLOCKS, BLOCK), 256)
+        scheduler = Scheduler(config, DistributedKVCacheManager(sp_size, NUM_BLOCKS, BLOCK), 256,
+                              num_instances=sp_size)
         for i, prompt in enumerate(prompts):
             scheduler.add_request(Request(f"r{i}", prompt, SamplingParams(
                 temperature=0, ignore_eos=True), max_tokens=MAX_TOKENS))
         steps, stats = [], worker.comm_stats
         while scheduler.has_unfinished_requests():
-            output = scheduler.schedule()
-            sent, calls = dict(stats.bytes_sent), dict(stats.num_calls)
-            runner_output = worker.execute_model(output)
-            steps.append((output, {p: n - sent[p] for p, n in stats.bytes_sent.items()
-                                   if n > sent[p]},
-                          sum(stats.num_calls.values()) - sum(calls.values())))
-            outputs = [None] * dist.get_world_size(groups.cpu_group)
-            dist.all_gather_object(outputs, runner_output, group=groups.cpu_group)
-            scheduler.update_from_output(output, RunnerOutput.merge(outputs))
+            for step in scheduler.schedule_steps():
+                sent, calls = dict(stats.bytes_sent), dict(stats.num_calls)
+                runner_output = (worker.execute_step(step) if groups.sp_rank in step.instances
+                                 else RunnerOutput())
+                steps.append((step.scheduler_output,
+                              {p: n - sent[p] for p, n in stats.bytes_sent.items()
+                               if n > sent[p]},
+                              sum(stats.num_calls.values()) - sum(calls.values())))
+                outputs = [None] * dist.get_world_size(groups.cpu_group)
+                dist.all_gather_object(outputs, runner_output, group=groups.cpu_group)
+                scheduler.update_from_step(step, RunnerOutput.merge(outputs))
         result["cases"].append(steps)
     return result
 
@@ -125,3 +135,11 @@ def test_predicted_bytes_equal_measured_sp2_tp2(model_dir):
     results = run_distributed(_rank, 4, model_dir, 2, 2, CASES_P2_TP2, timeout_s=180)
     _check(results, model_dir, 2, 2, CASES_P2_TP2)
     assert all(any(m.get("tp") for _, m, _ in r["cases"][0]) for r in results)
+
+
+def test_predicted_bytes_equal_measured_chunked_sp2(model_dir):
+    results = run_distributed(_rank, 2, model_dir, 2, 1, CASES_CHUNKED, CHUNK, timeout_s=180)
+    _check(results, model_dir, 2, 1, CASES_CHUNKED)
+    later_slices = [output for output, _, _ in results[0]["cases"][0] for r in
+                    output.scheduled_requests if r.is_sp_prefill and r.num_computed_tokens]
+    assert len(later_slices) >= 2  # the prefix exchange was priced and measured

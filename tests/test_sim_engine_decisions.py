@@ -1,12 +1,16 @@
-"""The simulator and the engine make the same scheduling decisions (issue 7's validation).
+"""The simulator and the engine make the same scheduling decisions (issue 7's validation, on
+per-instance steps since issue 12).
 
 One scripted workload (six prompts of mixed lengths, two of them SP-long, all sent at t = 0,
 ignore_eos, fixed max_tokens) runs through (a) the real LLMEngine on the tiny random model,
 with spawned SP worker processes when sp = 2, and (b) `csps simulate`'s build path
 (build_simulator: the same EngineConfig, memory plan from the same KV budget, the same fitted
-cost model as predictor). Every SchedulerOutput each scheduler emits is recorded by wrapping
-`scheduler.schedule`; the per-iteration decisions must be identical: per request, its id, tokens
-scheduled, tokens computed, SP chunk lengths, KV ranks and leader.
+cost model as predictor). Every Step each scheduler emits is recorded by wrapping
+`scheduler.schedule_steps`; the steps must be identical: their instances and, per request, its
+id, tokens scheduled, tokens computed, SP chunk lengths, KV ranks and leader. Steps on disjoint
+instances run concurrently, so which one finishes first decides what is scheduled next: the
+engine's executor is wrapped to report finished steps in the order of the simulator's clock
+(ClockedExecutor; the steps themselves run for real, their tokens feed the engine back).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from csps.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, 
 from csps.costmodel.fitted import FittedCostModel
 from csps.costmodel.shape import ModelShape
 from csps.request import SamplingParams
-from csps.scheduler.output import SchedulerOutput
+from csps.scheduler.output import RunnerOutput, SchedulerOutput, Step
 from csps.simulator.loop import RequestRecord
 from csps.simulator.run import SimulationConfig, build_simulator
 
@@ -36,18 +40,55 @@ def decisions(output: SchedulerOutput) -> list[tuple]:
              tuple(t.rank for t in r.kv_ranges), r.leader) for r in output.scheduled_requests]
 
 
-def record_decisions(scheduler) -> list[list[tuple]]:
-    """Wrap scheduler.schedule so that every output's decisions are appended to the list."""
-    seen: list[list[tuple]] = []
-    schedule = scheduler.schedule
+def record_decisions(scheduler) -> list[tuple]:
+    """Wrap scheduler.schedule_steps so that every step's instances and decisions are appended
+    to the list."""
+    seen: list[tuple] = []
+    schedule_steps = scheduler.schedule_steps
 
-    def recording_schedule() -> SchedulerOutput:
-        output = schedule()
-        seen.append(decisions(output))
-        return output
+    def recording_schedule_steps() -> list[Step]:
+        steps = schedule_steps()
+        seen.extend((step.instances, decisions(step.scheduler_output)) for step in steps)
+        return steps
 
-    scheduler.schedule = recording_schedule
+    scheduler.schedule_steps = recording_schedule_steps
     return seen
+
+
+class ClockedExecutor:
+    """The engine's executor, finishing steps in the simulator's order: each submitted step
+    ends at (the clock when it started) + the simulator timer's seconds; wait_steps waits for
+    every step in flight to finish for real, then returns those ending first (ties in submit
+    order) and keeps the rest in flight, as the simulator's event loop does."""
+
+    def __init__(self, inner, timer) -> None:
+        self.inner, self.timer, self.clock = inner, timer, 0.0
+        self._ends: dict[int, tuple[float, int]] = {}  # step id -> (end time, submit order)
+        self._done: dict[int, tuple[Step, RunnerOutput]] = {}
+
+    def submit(self, step: Step) -> None:
+        self._ends[step.step_id] = (self.clock + self.timer(step.scheduler_output).seconds,
+                                    len(self._ends) + len(self._done))
+        self.inner.submit(step)
+
+    def wait_steps(self, timeout_s=None) -> list[tuple[Step, RunnerOutput]]:
+        while len(self._done) < len(self._ends):
+            for step, out in self.inner.wait_steps(timeout_s):
+                self._done[step.step_id] = (step, out)
+        if not self._ends:
+            return []
+        self.clock = min(end for end, _ in self._ends.values())
+        first = sorted((order, i) for i, (end, order) in self._ends.items() if end == self.clock)
+        finished = []
+        for _, step_id in first:
+            del self._ends[step_id]
+            finished.append(self._done.pop(step_id))
+        # the rest are still running: they come back at a later wait
+        self._ends = {i: (end, order) for i, (end, order) in self._ends.items()}
+        return finished
+
+    def __getattr__(self, name):  # execute_model, check_health, shutdown
+        return getattr(self.inner, name)
 
 
 @pytest.fixture(scope="module")
@@ -72,40 +113,43 @@ def cost_model_path(tiny_model_dir, tmp_path_factory):
     return path
 
 
-def engine_config(model_dir, policy: str, sp: int, cost_model: str) -> EngineConfig:
+def engine_config(model_dir, policy: str, sp: int, cost_model: str, **scheduler) -> EngineConfig:
     budget = 512 if policy == "loongserve" else 64  # loongserve prefills prompts whole
     return EngineConfig(
         model=ModelConfig(model=str(model_dir), max_model_len=512, dtype="float32"),
         cache=CacheConfig(block_size=BLOCK, kv_cache_memory_bytes=POOL_BLOCKS * BLOCK
                           * BYTES_PER_TOKEN),
         scheduler=SchedulerConfig(policy=policy, max_num_batched_tokens=budget,
-                                  long_prompt_threshold=128, cost_model=cost_model),
+                                  long_prompt_threshold=128, cost_model=cost_model, **scheduler),
         parallel=ParallelConfig(sequence_parallel_size=sp))
 
 
-def run_engine(config: EngineConfig) -> list[list[tuple]]:
+def run_engine(config: EngineConfig, timer, lens=PROMPT_LENS) -> list[tuple]:
+    from csps.engine.executor import make_executor
     from csps.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(config)
+    engine = LLMEngine(config, executor_factory=lambda cfg, kwargs: ClockedExecutor(
+        make_executor(cfg, kwargs), timer))
     try:
         seen = record_decisions(engine.scheduler)
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-        for i, n in enumerate(PROMPT_LENS):
+        for i, n in enumerate(lens):
             engine.add_request(f"req-{i}", None, [3 + (7 * i + j) % 250 for j in range(n)],
                                params)
         done: dict[str, int] = {}
         while engine.has_unfinished_requests():
             for out in engine.step()[0]:
                 done[out.request_id] = len(out.outputs[0].token_ids)
-        assert done == {f"req-{i}": MAX_TOKENS for i in range(len(PROMPT_LENS))}
+        assert done == {f"req-{i}": MAX_TOKENS for i in range(len(lens))}
         return seen
     finally:
         engine.shutdown()
 
 
-def run_simulator(config: EngineConfig, model_dir, cost_model_path) -> list[list[tuple]]:
+def run_simulator(config: EngineConfig, model_dir, cost_model_path, lens=PROMPT_LENS):
     """The simulator always prices with the fitted model (the KV budget then comes from the
-    engine's --kv-cache-memory-bytes); under cost_model 'none' the policies get no predictor."""
+    engine's --kv-cache-memory-bytes); under cost_model 'none' the policies get no predictor.
+    Returns (its steps' decisions, its step timer)."""
     predicted = config.scheduler.cost_model != "none"
     config = dataclasses.replace(config, scheduler=dataclasses.replace(
         config.scheduler, cost_model=str(cost_model_path)))
@@ -116,31 +160,46 @@ def run_simulator(config: EngineConfig, model_dir, cost_model_path) -> list[list
     (scheduler,) = simulator.schedulers
     seen = record_decisions(scheduler)
     records = simulator.run([RequestRecord(f"req-{i}", n, MAX_TOKENS, 0.0)
-                             for i, n in enumerate(PROMPT_LENS)])
+                             for i, n in enumerate(lens)])
     assert all(len(r.token_times) == MAX_TOKENS and not r.error for r in records)
-    return seen
+    return seen, simulator.timer
 
 
 SPAWNED = pytest.mark.slow  # sp = 2: two worker processes
 
 
-@pytest.mark.parametrize("policy,sp,with_cost_model", [
-    ("sarathi", 1, False), pytest.param("sps2", 2, False, marks=SPAWNED),
-    pytest.param("sps2", 2, True, marks=SPAWNED),
-    pytest.param("loongserve", 2, True, marks=SPAWNED)])
+CHUNKED = {"lockstep": False, "sp_prefill_chunk": 64}  # 300 / 450 tokens: 3 / 4 slices
+# Short prompts first: they run on one instance each, side by side, before the long ones bind
+# both instances (an SP prefill's group; then decodes over KV spread across both).
+SHORT_FIRST = (40, 17, 60, 90, 300, 450)
+
+
+@pytest.mark.parametrize("policy,sp,with_cost_model,scheduler", [
+    ("sarathi", 1, False, {}),
+    pytest.param("sps2", 2, False, {"lockstep": True}, marks=SPAWNED),
+    pytest.param("sps2", 2, False, CHUNKED, marks=SPAWNED),
+    pytest.param("sps2", 2, True, CHUNKED, marks=SPAWNED),
+    pytest.param("loongserve", 2, True, {}, marks=SPAWNED)])
 def test_simulator_and_engine_schedule_identically(model_dir, cost_model_path, policy, sp,
-                                                   with_cost_model):
+                                                   with_cost_model, scheduler):
     config = engine_config(model_dir, policy, sp,
-                           str(cost_model_path) if with_cost_model else "none")
-    simulated = run_simulator(config, model_dir, cost_model_path)
-    served = run_engine(config)
+                           str(cost_model_path) if with_cost_model else "none", **scheduler)
+    lens = PROMPT_LENS if scheduler.get("lockstep", True) else SHORT_FIRST
+    simulated, timer = run_simulator(config, model_dir, cost_model_path, lens)
+    served = run_engine(config, timer, lens)
     assert len(served) == len(simulated)
-    for iteration, (a, b) in enumerate(zip(served, simulated, strict=True)):
-        assert a == b, f"iteration {iteration + 1} differs"
-    flat = [d for step in served for d in step]
-    assert sum(n for _, n, *_ in flat) == sum(PROMPT_LENS) + len(PROMPT_LENS) * (MAX_TOKENS - 1)
+    for index, (a, b) in enumerate(zip(served, simulated, strict=True)):
+        assert a == b, f"step {index + 1} differs"
+    flat = [d for _, step in served for d in step]
+    assert sum(n for _, n, *_ in flat) == sum(lens) + len(lens) * (MAX_TOKENS - 1)
     sp_prefills = [(chunks, ranks) for *_, chunks, ranks, _ in flat if chunks is not None]
     if policy == "sps2":  # SP prefills, and decodes over KV spread across the ranks
         assert sp_prefills and any(len(set(ranks)) > 1 for *_, ranks, _ in flat)
+    if not scheduler.get("lockstep", True):  # steps of one instance ran side by side
+        instance_sets = [instances for instances, _ in served]
+        assert (0,) in instance_sets and (1,) in instance_sets
+        assert len(sp_prefills) > 2  # prompts prefilled in slices
+        assert any(any(c is not None for *_, c, _, _ in step) and any(
+            c is None and n == 1 for _, n, _, c, _, _ in step) for _, step in served)
     if policy == "loongserve":  # a ring prefill scaled down: its KV left on fewer ranks
         assert any(len(set(ranks)) < sum(1 for n in chunks if n) for chunks, ranks in sp_prefills)

@@ -131,3 +131,53 @@ def test_random_workload_on_a_fake_clock_finishes_and_keeps_the_books(sp_size, d
     aborted = set(aborts.values())
     assert {f"r{i}" for i in range(30)} - aborted <= set(trace.finished_s)
     assert sched.kv_cache_manager.num_free_blocks == 16 * sp_size
+
+
+def _slo_choice(slo_tbt, prompt_len=256, sp_size=2):
+    sched, predictor = sps2(sp_size, num_blocks=128, slo_tbt=slo_tbt, lockstep=False)
+    request = make_request("long", prompt_len)
+    sched.add_request(request)
+    return sched.policy.configurator.choose(sched, request), predictor
+
+
+def test_slo_tbt_picks_the_least_ttft_slice_whose_step_fits():
+    loose, _ = _slo_choice(10.0)
+    assert loose.chunk == 0 and loose.step_s <= 10.0  # no slicing needed: the whole prompt
+    whole_s = loose.step_s
+    tight, predictor = _slo_choice(whole_s * 0.5)
+    assert 0 < tight.chunk and tight.step_s <= whole_s * 0.5
+    assert tight.ttft_s >= loose.ttft_s  # slicing costs (per-step overhead, prefix reads)
+    # every candidate that fits has no smaller TTFT than the choice
+    sched, _ = sps2(2, num_blocks=128, slo_tbt=whole_s * 0.5, lockstep=False)
+    request = make_request("long", 256)
+    candidates = sched.policy.configurator._candidates(sched, request, tight.degree, 0.0,
+                                                       [128, 128], 0.0)
+    fitting = [c for c in candidates if c.step_s <= whole_s * 0.5]
+    assert fitting and min(c.ttft_s for c in fitting) == pytest.approx(tight.ttft_s)
+
+
+def test_sliced_time_sums_every_slice_priced_with_its_prefix():
+    """The closed form (first, last full and final slice) equals pricing each slice."""
+    _, predictor = _slo_choice(None)
+    from csps.scheduler.configurator import Sps2Configurator
+    from csps.scheduler.sp_books import slice_prompt
+
+    group, n, chunk, block = (0, 1), 200, 32, 4
+    total, longest = Sps2Configurator._sliced_time(
+        n, group, chunk, block, 2, lambda lens, held: predictor.sp_prefill_time(lens, None,
+                                                                               None, None, held))
+    slices, held, times = slice_prompt(n, list(group), 2, chunk, block), [0, 0], []
+    for lens in slices:
+        times.append(predictor.sp_prefill_time(list(lens), None, None, None,
+                                               held if sum(held) else None))
+        held = [h + x for h, x in zip(held, lens, strict=True)]
+    assert len(slices) == 4
+    assert total == pytest.approx(sum(times)) and longest == pytest.approx(max(times))
+
+
+def test_slo_tbt_without_a_cost_model_is_refused():
+    from csps.config import SchedulerConfig
+    from csps.scheduler.policy import make_policy
+
+    with pytest.raises(ValueError, match="slo-tbt needs a cost model"):
+        make_policy(SchedulerConfig(policy="sps2", slo_tbt=0.1), predictor=None)

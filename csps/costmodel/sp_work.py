@@ -52,11 +52,13 @@ def add_tp(work: RankWork, num_tokens: int, shape: ModelShape, tp_size: int,
 
 def sp_prefill_work(chunk_lens: Sequence[int], shape: ModelShape, parallel: ParallelConfig,
                     sp_attention: str | None = None, csa_levels: str | None = None, *,
-                    csa_micro_batch: str | None = None, tp_rank: int = 0) -> list[RankWork]:
+                    csa_micro_batch: str | None = None, tp_rank: int = 0,
+                    prefix_lens: Sequence[int] | None = None) -> list[RankWork]:
     """One RankWork per SP rank (len(chunk_lens) == sequence_parallel_size): TP member tp_rank
     of each SP rank. sp_attention / csa_levels / csa_micro_batch default to the parallel
     config's (the levels' top group: the ranks with tokens). The last rank with tokens
-    samples the first token."""
+    samples the first token. prefix_lens: for a later slice of a chunked SP prefill, the
+    prompt's tokens before the slice each SP rank holds (the prefix exchange, sp_prefix.py)."""
     if len(chunk_lens) != parallel.sequence_parallel_size or min(chunk_lens, default=0) < 0:
         raise ValueError(f"chunk_lens {list(chunk_lens)} must list "
                          f"{parallel.sequence_parallel_size} lengths >= 0")
@@ -85,6 +87,8 @@ def sp_prefill_work(chunk_lens: Sequence[int], shape: ModelShape, parallel: Para
         csa_levels_work(group, lens, shape, hq, hkv, config)
     else:
         raise ValueError(f"unknown SP attention {algorithm!r}")
+    if prefix_lens is not None and sum(prefix_lens):
+        _prefix(group, lens, [prefix_lens[r] for r in members], shape, hq, hkv, algorithm)
     for work, n in zip(group, lens, strict=True):
         work.num_tokens += even_split(n, tp_size)[tp_rank]
         work.num_seqs += 1
@@ -125,3 +129,22 @@ def _kv_layouts(group: list[RankWork], lens: list[int], shape: ModelShape, hq: i
             sent = n * row * (size - 1)
             work.num_collectives += shape.num_layers
         add_bytes(work, "prefill_attn", shape.num_layers * sent)
+
+
+def _prefix(group: list[RankWork], lens: list[int], held: list[int], shape: ModelShape,
+            hq: int, hkv: int, algorithm: str) -> None:
+    """A later slice's attention to the earlier slices, where they lie (sp_prefix.py): the
+    slice's queries all-gathered, each rank attends all of them to the prefix it holds and
+    returns each owner its rows' (out, lse) in fp32. Ulysses also returns its LSE (one more
+    small all-to-all)."""
+    size, total, dim, e = len(group), sum(lens), shape.head_dim, shape.dtype_bytes
+    group_size = hq // hkv if hkv else 0
+    q_split = [k * group_size for k in even_split(hkv, size)]  # ulysses' head owners
+    for r, (work, n, m) in enumerate(zip(group, lens, held, strict=True)):
+        work.attn_pairs += total * m * hq / shape.num_heads
+        queries = n * hq * dim * e * (size - 1)
+        parts = (total - n) * hq * (dim + 1) * 4
+        if algorithm == "ulysses":  # the slice's LSE back from the head owners, fp32
+            parts += q_split[r] * (total - n) * 4
+        add_bytes(work, "prefill_attn", shape.num_layers * (queries + parts))
+        work.num_collectives += (3 if algorithm == "ulysses" else 2) * shape.num_layers

@@ -39,12 +39,23 @@ def iteration_work(output: SchedulerOutput, shape: ModelShape, parallel: Paralle
     for request in sp_prefills:
         part = sp_prefill_work(request.sp_chunk_lens, shape, parallel, request.sp_attention,
                                request.csa_levels, csa_micro_batch=request.csa_micro_batch,
-                               tp_rank=tp_rank)
+                               tp_rank=tp_rank, prefix_lens=_prefix_lens(request, len(works)))
         for work in part:
             work.num_sampled = 0
         part[request.leader].num_sampled = int(request.do_sample)
         works = [a + b for a, b in zip(works, part, strict=True)]
     return works
+
+
+def _prefix_lens(request: ScheduledRequest, sp_size: int) -> list[int] | None:
+    """Per SP rank, the tokens before a later slice of a chunked SP prefill it holds."""
+    computed = request.num_computed_tokens
+    if not computed:
+        return None
+    held = [0] * sp_size
+    for r in request.kv_ranges:
+        held[r.rank] += max(0, min(r.end, computed) - r.start)
+    return held
 
 
 def _local_work(requests: list[ScheduledRequest], shape: ModelShape, parallel: ParallelConfig,

@@ -11,7 +11,17 @@ with the most free blocks. Predicted TTFT = queueing + prefill:
   iteration of the SP prefill.
 - local (d = 1): its own chunks (budget-sized, each over its cached prefix), with one decode
   iteration between consecutive chunks while decodes run.
-Ties go to the smaller degree. No torch.
+Ties go to the smaller degree.
+
+On per-instance steps an SP prefill runs in slices (sp_books.slice_prompt), each a step that
+carries the running decodes. With an SLO on the time between tokens (`--slo-tbt`) the slice
+size is chosen too: per candidate group, slices of 1, 2, 4, ... blocks per rank or the whole
+prompt; the prompt's time is the sum of its slices' (each priced with the earlier slices' KV
+it attends to: linear in the slice's index, so the first, the last full and the final slice
+give the sum exactly under a linear cost model) and its step time the largest slice's plus one
+decode step. The least-TTFT candidate whose step time stays under the SLO wins; if none does,
+the one with the shortest step. Without an SLO every SP prefill slices at the fixed chunk.
+No torch.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from typing import TYPE_CHECKING
 from csps.kvcache.kv_cache_manager import cdiv
 from csps.kvcache.placement import split_prompt
 from csps.parallel.csa_config import CsaConfig
-from csps.scheduler.sp_books import SpPrefillPlan
+from csps.scheduler.sp_books import SpPrefillPlan, slice_prompt
 
 if TYPE_CHECKING:
     from csps.request import Request
@@ -39,12 +49,18 @@ class SpChoice:
     ranks: tuple[int, ...]
     ttft_s: float  # predicted queueing + prefill
     plan: SpPrefillPlan | None = None  # the SP prefill (degree > 1)
+    chunk: int = 0  # tokens per rank of a slice (0: the prompt whole in one step)
+    step_s: float = 0.0  # predicted time of its longest step, decodes riding included
 
 
 class Sps2Configurator:
     def __init__(self, predictor: StepPredictor, allowed_degrees: Sequence[int] | None = None,
-                 csa_candidates: str = "", micro_batch_candidates: str = "") -> None:
+                 csa_candidates: str = "", micro_batch_candidates: str = "",
+                 slo_tbt: float | None = None, chunk: int = 0) -> None:
+        """slo_tbt: seconds a step may take (None: no SLO, slices of `chunk` tokens per rank;
+        0 = whole prompts)."""
         self.predictor = predictor
+        self.slo_tbt, self.chunk = slo_tbt, chunk
         self.allowed_degrees = tuple(allowed_degrees) if allowed_degrees else None
         self.csa_candidates = [c.strip() for c in csa_candidates.split(";") if c.strip()]
         self.micro_batch_candidates = [
@@ -54,19 +70,20 @@ class Sps2Configurator:
     def choose(self, scheduler: Scheduler, request: Request) -> SpChoice | None:
         """The least-TTFT candidate whose KV fits now; None when none fits."""
         sp_size = scheduler.sp_size
-        degrees = self.allowed_degrees or (1, sp_size)
+        degrees = self.allowed_degrees or range(1, sp_size + 1)
         decode_s = self._decode_time(scheduler)
         free = [pool.num_free_blocks for pool in scheduler.kv_cache_manager.pools]  # [sp_size]
-        best, queue_s = None, None
+        choices, queue_s = [], None
         for degree in sorted(set(degrees)):
             if not 1 <= degree <= sp_size or degree > request.num_tokens:
                 continue
             if degree > 1 and queue_s is None:  # the same for every SP degree
                 queue_s = self._sp_queue(scheduler, decode_s)
-            for choice in self._candidates(scheduler, request, degree, decode_s, free, queue_s):
-                if best is None or choice.ttft_s < best.ttft_s:
-                    best = choice
-        return best
+            choices += self._candidates(scheduler, request, degree, decode_s, free, queue_s)
+        if self.slo_tbt is not None and choices:
+            within = [c for c in choices if c.step_s <= self.slo_tbt]
+            choices = within or [min(choices, key=lambda c: c.step_s)]
+        return min(choices, key=lambda c: c.ttft_s, default=None)  # ties: the first
 
     def _candidates(self, scheduler: Scheduler, request: Request, degree: int,
                     decode_s: float, free: list[int], queue_s: float | None) -> list[SpChoice]:
@@ -76,7 +93,8 @@ class Sps2Configurator:
             rank = max(range(scheduler.sp_size), key=lambda r: (free[r], -r))
             if cdiv(n, block_size) > free[rank]:
                 return []
-            return [SpChoice(1, (rank,), self._local_ttft(scheduler, rank, n, decode_s))]
+            ttft_s, step_s = self._local_ttft(scheduler, rank, n, decode_s)
+            return [SpChoice(1, (rank,), ttft_s, step_s=step_s)]
         lens = split_prompt(n, degree, block_size)
         group = _most_free_group([cdiv(length, block_size) for length in lens], free)
         if group is None:
@@ -88,10 +106,43 @@ class Sps2Configurator:
         for attention, levels, micro_batch in self._attention_candidates(degree):
             plan = SpPrefillPlan(tuple(chunk_lens), sp_attention=attention, csa_levels=levels,
                                  csa_micro_batch=micro_batch)
-            prefill_s = self.predictor.sp_prefill_time(chunk_lens, attention, levels,
-                                                       micro_batch)
-            choices.append(SpChoice(degree, group, queue_s + prefill_s, plan))
+            for chunk in self._chunk_candidates(n, degree, block_size):
+                prefill_s, step_s = self._sliced_time(
+                    n, group, chunk, block_size, scheduler.sp_size,
+                    lambda lens, held: self.predictor.sp_prefill_time(
+                        lens, attention, levels, micro_batch, held))
+                choices.append(SpChoice(degree, group, queue_s + prefill_s, plan, chunk,
+                                        step_s + decode_s))
         return choices
+
+    def _chunk_candidates(self, n: int, degree: int, block_size: int) -> list[int]:
+        """Slice sizes (tokens per rank) to try: the fixed chunk without an SLO; with one,
+        1, 2, 4, ... blocks per rank while a slice is shorter than the prompt, and 0 (whole)."""
+        if self.slo_tbt is None:
+            return [self.chunk]
+        chunks, blocks = [], 1
+        while blocks * block_size * degree < n:
+            chunks.append(blocks * block_size)
+            blocks *= 2
+        return [*chunks, 0]
+
+    @staticmethod
+    def _sliced_time(n: int, group: tuple[int, ...], chunk: int, block_size: int,
+                     sp_size: int, price) -> tuple[float, float]:
+        """(the SP prefill's seconds, its longest slice's) in slices of `chunk` per rank;
+        price(chunk_lens, prefix_lens or None) is one slice's time."""
+        slices = slice_prompt(n, list(group), sp_size, chunk, block_size) if chunk else None
+        if not slices or len(slices) == 1:
+            whole = slices[0] if slices else tuple(split_over(n, group, sp_size, block_size))
+            seconds = price(list(whole), None)
+            return seconds, seconds
+        per_rank = [sum(lens[r] for lens in slices[:-1]) for r in range(sp_size)]
+        full = len(slices) - 1  # slices 0 .. full-1 have the same shape
+        first = price(list(slices[0]), None)
+        before_last = [x - y for x, y in zip(per_rank, slices[0], strict=True)]
+        last_full = price(list(slices[0]), before_last) if full > 1 else first
+        final = price(list(slices[-1]), per_rank)
+        return full * (first + last_full) / 2 + final, max(last_full, final)
 
     def _attention_candidates(self, degree: int) -> list[tuple]:
         """(sp_attention, csa_levels, csa_micro_batch), None meaning the engine's value."""
@@ -107,14 +158,18 @@ class Sps2Configurator:
                    for mb in self.micro_batch_candidates] or [None]
         return [(None, lv, mb) for lv in dict.fromkeys(levels) for mb in dict.fromkeys(batches)]
 
-    def _local_ttft(self, scheduler: Scheduler, rank: int, n: int, decode_s: float) -> float:
-        budget, total, cached = scheduler.token_budget, 0.0, 0
+    def _local_ttft(self, scheduler: Scheduler, rank: int, n: int,
+                    decode_s: float) -> tuple[float, float]:
+        """(TTFT, the longest step: a chunk with a decode step) of the local chunked path."""
+        budget, total, cached, longest = scheduler.token_budget, 0.0, 0, 0.0
         while cached < n:
             chunk = min(budget, n - cached)
-            total += self.predictor.local_prefill_time([(rank, chunk, cached)])
+            seconds = self.predictor.local_prefill_time([(rank, chunk, cached)])
+            longest = max(longest, seconds + decode_s)
+            total += seconds
             cached += chunk
             total += decode_s if cached < n else 0.0
-        return total
+        return total, longest
 
     def _sp_queue(self, scheduler: Scheduler, decode_s: float) -> float:
         remaining = sum(r.num_tokens - r.num_computed_tokens for r in scheduler.running
@@ -130,6 +185,14 @@ class Sps2Configurator:
         decodes = [(scheduler.leader_of(r.request_id), r.num_tokens) for r in scheduler.running
                    if not r.is_prefill]
         return self.predictor.decode_time(decodes) if decodes else 0.0
+
+
+def split_over(n: int, group: tuple[int, ...], sp_size: int, block_size: int) -> list[int]:
+    """A whole prompt's chunk lengths over `group`, indexed by SP rank."""
+    lens = [0] * sp_size
+    for rank, length in zip(group, split_prompt(n, len(group), block_size), strict=True):
+        lens[rank] = length
+    return lens
 
 
 def _most_free_group(need: list[int], free: list[int]) -> tuple[int, ...] | None:

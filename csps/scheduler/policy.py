@@ -86,9 +86,12 @@ def make_policy(config: SchedulerConfig, predictor: StepPredictor | None = None,
         from csps.scheduler.configurator import Sps2Configurator
         from csps.scheduler.sps2 import Sps2Policy
 
+        if config.slo_tbt is not None and predictor is None:
+            raise ValueError("--slo-tbt needs a cost model to price steps (--cost-model)")
         configurator = None if predictor is None else Sps2Configurator(
             predictor, allowed_degrees, config.sps2_csa_candidates,
-            config.sps2_micro_batch_candidates)
+            config.sps2_micro_batch_candidates, slo_tbt=config.slo_tbt,
+            chunk=config.sp_prefill_chunk)
         return Sps2Policy(config.long_prompt_threshold, config.hybrid_batching, configurator,
                           concurrent=not config.lockstep, sp_prefill_chunk=config.sp_prefill_chunk)
     if config.policy == "loongserve":

@@ -37,14 +37,16 @@ class StepPredictor:
 
     def sp_prefill_time(self, chunk_lens: Sequence[int], sp_attention: str | None = None,
                         csa_levels: str | None = None,
-                        csa_micro_batch: str | None = None) -> float:
-        """One prompt prefilled alone over the ranks with nonzero chunk_lens (one length per
-        SP rank, in rank order); None choices are the engine's ParallelConfig."""
+                        csa_micro_batch: str | None = None,
+                        prefix_lens: Sequence[int] | None = None) -> float:
+        """One prompt (or one slice of it) prefilled alone over the ranks with nonzero
+        chunk_lens (one length per SP rank, in rank order); None choices are the engine's
+        ParallelConfig. prefix_lens: a later slice's earlier tokens held per SP rank."""
         from csps.costmodel.work import sp_prefill_work
 
         return self.cost_model.iteration_time(sp_prefill_work(
             list(chunk_lens), self.shape, self.parallel, sp_attention, csa_levels,
-            csa_micro_batch=csa_micro_batch))
+            csa_micro_batch=csa_micro_batch, prefix_lens=prefix_lens))
 
     def local_prefill_time(self, chunks: Sequence[tuple[int, int, int]]) -> float:
         """Prompt chunks each run whole on one rank: (rank, num_new_tokens, num_computed)."""

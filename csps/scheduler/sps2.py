@@ -155,12 +155,12 @@ class Sps2Policy:
         the configurator, locally on a rank of the view); else reserve the group. True when
         its first slice is in the batch."""
         scheduler = view.scheduler
-        group, plan = tuple(range(scheduler.sp_size)), None
+        group, plan, chunk = tuple(range(scheduler.sp_size)), None, self.sp_prefill_chunk
         if self.configurator is not None:
             choice = self.configurator.choose(scheduler, request)
             if choice is None:
                 return False
-            group, plan = choice.ranks, choice.plan
+            group, plan, chunk = choice.ranks, choice.plan, choice.chunk
             if choice.degree == 1:
                 if group[0] in view.instances and batch.token_budget > 0:
                     scheduler.admit_local(request, batch, rank=group[0])
@@ -170,4 +170,4 @@ class Sps2Policy:
         if not set(group) <= set(view.instances):
             view.reserve(group)
             return False
-        return view.admit_sequence_parallel(request, batch, plan, self.sp_prefill_chunk)
+        return view.admit_sequence_parallel(request, batch, plan, chunk)
