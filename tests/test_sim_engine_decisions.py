@@ -178,7 +178,9 @@ SHORT_FIRST = (40, 17, 60, 90, 300, 450)
     ("sarathi", 1, False, {}),
     pytest.param("sps2", 2, False, {"lockstep": True}, marks=SPAWNED),
     pytest.param("sps2", 2, False, CHUNKED, marks=SPAWNED),
-    pytest.param("sps2", 2, True, CHUNKED, marks=SPAWNED),
+    # the configurator picks degree and slice size under the SLO (here: one prompt whole, one
+    # in slices of 128 tokens per rank)
+    pytest.param("sps2", 2, True, {"lockstep": False, "slo_tbt": 0.01}, marks=SPAWNED),
     pytest.param("loongserve", 2, True, {}, marks=SPAWNED)])
 def test_simulator_and_engine_schedule_identically(model_dir, cost_model_path, policy, sp,
                                                    with_cost_model, scheduler):

@@ -26,9 +26,9 @@ FAULTY_SERVE = """\
 import os, sys
 from csps.engine.worker import Worker
 if os.environ["RANK"] == "1":
-    def execute_model(self, scheduler_output):
+    def execute_step(self, step):
         raise KeyError("injected")
-    Worker.execute_model = execute_model
+    Worker.execute_step = execute_step
 from csps.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -175,7 +175,9 @@ def test_killed_rank_fails_the_request_fast(real_model_dir, tmp_path):
 def test_raising_rank_is_named_in_the_error(real_model_dir, tmp_path):
     script = tmp_path / "faulty_serve.py"
     script.write_text(FAULTY_SERVE)
-    server = TorchrunServer(tmp_path / "torchrun.log", [str(script), "serve"], real_model_dir)
+    # the 5-token prompt goes SP over both ranks, so rank 1 takes part in its first step
+    server = TorchrunServer(tmp_path / "torchrun.log", [str(script), "serve"], real_model_dir,
+                            "--long-prompt-threshold", "4")
     try:
         reply = server.complete(timeout_s=30)
         assert reply.status_code == 500, reply.text
