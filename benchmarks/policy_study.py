@@ -34,13 +34,18 @@ from csps.parallel.groups import find_free_port
 # sps2's configurator and loongserve price iterations with the profile fitted on this machine
 PROFILE = "csps/costmodel/profiles/cpu-smollm2-135m-sp2.json"
 # label -> `csps serve` flags (besides the model, host and port)
+_SPS2 = ["-sp", "2", "--scheduler", "sps2", "--cost-model", PROFILE]
 SERVERS = {
     "sarathi": ["-tp", "2", "--scheduler", "sarathi"],
-    "sps2-dense": ["-sp", "2", "--scheduler", "sps2", "--sp-attention", "ulysses",
-                   "--cost-model", PROFILE],
-    "sps2-csa": ["-sp", "2", "--scheduler", "sps2", "--sp-attention", "csa",
-                 "--cost-model", PROFILE],
+    "sps2-dense": [*_SPS2, "--sp-attention", "ulysses"],
+    "sps2-csa": [*_SPS2, "--sp-attention", "csa"],
     "loongserve": ["-sp", "2", "--scheduler", "loongserve", "--sp-attention", "ring"],
+    # issue 12: the lock-step engine before per-instance steps, and slice sizes / an SLO
+    "sps2-dense-lockstep": [*_SPS2, "--sp-attention", "ulysses", "--lockstep"],
+    "sps2-csa-lockstep": [*_SPS2, "--sp-attention", "csa", "--lockstep"],
+    "sps2-csa-c256": [*_SPS2, "--sp-attention", "csa", "--sp-prefill-chunk", "256"],
+    "sps2-csa-c1024": [*_SPS2, "--sp-attention", "csa", "--sp-prefill-chunk", "1024"],
+    "sps2-csa-slo1": [*_SPS2, "--sp-attention", "csa", "--slo-tbt", "1.0"],
 }
 FIGURES = ("avg TTFT", "TBT (mean ITL)", "response time", "prefill throughput",
            "decode throughput")

@@ -101,9 +101,21 @@ class SchedulerConfig:
     sps2_micro_batch_candidates: str = field(default="", metadata=_help(
         "sps2 with a cost model: ';'-separated CSA micro-batches HEADSxTOKENS to choose from "
         "per request ('none' = no pipelining); empty: the engine's --csa-micro-batch."))
+    sp_prefill_degrees: str = field(default="", metadata=_help(
+        "sps2 with a cost model: comma-separated SP degrees the configurator may give a long "
+        "prompt (e.g. '2,4'); empty: any from 1 to the SP size."))
     loongserve_sp_batch: int = field(default=1, metadata=_help(
         "loongserve: most requests one multi-rank SP prefill group runs together (the workers "
         "run one; 0 = no limit, for the simulator)."))
+
+    @property
+    def allowed_sp_degrees(self) -> tuple[int, ...]:
+        """sp_prefill_degrees parsed (empty: the policy's default); ValueError if not ints."""
+        try:
+            return tuple(int(d) for d in self.sp_prefill_degrees.split(",") if d.strip())
+        except ValueError as err:
+            raise ValueError(f"sp_prefill_degrees must be comma-separated integers, got "
+                             f"{self.sp_prefill_degrees!r}") from err
 
     def __post_init__(self) -> None:
         if self.policy not in SCHEDULER_POLICIES:
@@ -120,6 +132,9 @@ class SchedulerConfig:
             raise ValueError("sp_prefill_chunk must be >= 0 (0: whole prompts)")
         if self.slo_tbt is not None and not self.slo_tbt > 0:
             raise ValueError(f"slo_tbt must be a positive number of seconds, got {self.slo_tbt}")
+        if any(d < 1 for d in self.allowed_sp_degrees):
+            raise ValueError(f"sp_prefill_degrees must list positive degrees, got "
+                             f"{self.sp_prefill_degrees!r}")
         if self.loongserve_sp_batch < 0:
             raise ValueError("loongserve_sp_batch must be >= 0")
         for text in (self.sps2_csa_candidates, self.sps2_micro_batch_candidates):

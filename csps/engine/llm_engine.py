@@ -66,7 +66,8 @@ class LLMEngine:
                                     config.cache.block_size, dtype,
                                     config.scheduler.policy) if placed else None
         self.scheduler = Scheduler(config.scheduler, kv_cache_manager, self.max_model_len,
-                                   predictor, num_instances=parallel.sequence_parallel_size)
+                                   predictor, config.scheduler.allowed_sp_degrees or None,
+                                   num_instances=parallel.sequence_parallel_size)
         self._states: dict[str, RequestState] = {}
 
     # ---- admission --------------------------------------------------------------------------

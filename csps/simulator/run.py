@@ -89,6 +89,8 @@ def build_simulator(config: SimulationConfig,
         kwargs["predictor"] = StepPredictor(cost_model, shape, parallel, engine.cache.block_size)
     if config.sp_degrees == "all":
         kwargs["allowed_sp_degrees"] = list(range(1, sp + 1))
+    elif engine.scheduler.allowed_sp_degrees:  # "engine": the engine's --sp-prefill-degrees
+        kwargs["allowed_sp_degrees"] = list(engine.scheduler.allowed_sp_degrees)
     schedulers = build_schedulers(engine, plan, config.num_replicas, **kwargs)
     timer = CostModelTimer(cost_model, shape, parallel, engine.cache.block_size)
     simulator = Simulator(schedulers, timer, config.max_concurrency, on_request_done)

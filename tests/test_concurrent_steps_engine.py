@@ -1,0 +1,89 @@
+"""Per-instance steps in the real engine, 4 spawned SP workers: short requests keep decoding
+on their own instances while a long prompt prefills in slices over a group of two others.
+
+The sps2 configurator (a fitted cost model of the tiny Llama, `--sp-prefill-degrees 2`) gives
+the long prompt a group of 2 of the 4 instances; the two short requests, admitted first, were placed on
+instances of their own. Checked: the long prompt ran in several SP slices on that group; while
+its slices were in flight (between its first and last slice) steps on instances outside the
+group ran the short requests' decodes; and every request's greedy tokens equal a
+single-process engine's on the same weights.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from csps.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from csps.costmodel.fitted import FittedCostModel
+from csps.costmodel.shape import ModelShape
+from csps.request import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+PROMPT_LENS = (20, 24, 256)  # two short ones first, then one over the threshold (128)
+MAX_TOKENS = (40, 40, 4)
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tmp_path_factory):
+    from test_executor import save_byte_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_steps")
+    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
+    save_byte_tokenizer(folder)
+    shape = ModelShape.from_config_file(folder / "config.json", dtype_bytes=4)
+    FittedCostModel(per_iteration_s=2e-3, per_token_s=2e-5, per_seq_s=1e-4, per_sampled_s=5e-5,
+                    per_attn_pair_s=2e-8, per_decode_kv_token_s=1e-7, per_byte_s=2e-9,
+                    per_collective_s=5e-5, name="tiny-test", shape=shape).to_json(
+                        folder / "cost.json")
+    return folder
+
+
+def _serve(model_dir, sp: int, policy: str, **scheduler) -> tuple[dict, list]:
+    from csps.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(
+        model=ModelConfig(model=str(model_dir), max_model_len=512, dtype="float32"),
+        cache=CacheConfig(block_size=BLOCK, kv_cache_memory_bytes=8 << 20),
+        scheduler=SchedulerConfig(policy=policy, max_num_batched_tokens=64,
+                                  long_prompt_threshold=128, **scheduler),
+        parallel=ParallelConfig(sequence_parallel_size=sp)))
+    steps = []
+    schedule_steps = engine.scheduler.schedule_steps
+
+    def recording():
+        new = schedule_steps()
+        steps.extend(new)
+        return new
+    engine.scheduler.schedule_steps = recording
+    try:
+        tokens: dict[str, list[int]] = {}
+        for i, (n, m) in enumerate(zip(PROMPT_LENS, MAX_TOKENS, strict=True)):
+            engine.add_request(f"r{i}", None, [3 + (11 * i + j) % 250 for j in range(n)],
+                               SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            for out in engine.step()[0]:
+                tokens[out.request_id] = list(out.outputs[0].token_ids)
+        return tokens, steps
+    finally:
+        engine.shutdown()
+
+
+def test_decodes_outside_a_prefill_group_keep_running(model_dir):
+    reference, _ = _serve(model_dir, 1, "sarathi")
+    tokens, steps = _serve(model_dir, 4, "sps2", lockstep=False, sp_prefill_chunk=16,
+                           cost_model=str(model_dir / "cost.json"), sp_prefill_degrees="2")
+    assert tokens == reference
+    assert [len(tokens[f"r{i}"]) for i in range(3)] == list(MAX_TOKENS)
+    slices = [i for i, s in enumerate(steps) for r in s.scheduler_output.scheduled_requests
+              if r.request_id == "r2" and r.is_sp_prefill]
+    assert len(slices) == 256 // (2 * 16)  # slices of 16 tokens per rank over 2 ranks
+    group = set(steps[slices[0]].instances)
+    assert len(group) == 2 and all(set(steps[i].instances) == group for i in slices)
+    outside = [s for s in steps[slices[0]:slices[-1]] if not group & set(s.instances)
+               and any(r.is_decode for r in s.scheduler_output.scheduled_requests)]
+    decoded = {r.request_id for s in outside for r in s.scheduler_output.scheduled_requests}
+    assert len(outside) >= len(slices) and decoded == {"r0", "r1"}
