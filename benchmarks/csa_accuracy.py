@@ -55,8 +55,8 @@ def essay_text() -> str:
 
 
 def _backend(groups, stats, algorithm, levels, far_queries):
+    from csps.contract.csa_config import CsaConfig
     from csps.parallel.comm import Communicator
-    from csps.parallel.csa_config import CsaConfig
     from csps.parallel.sp_attention import SequenceParallelAttention
     config = CsaConfig.parse(levels, far_queries) if levels else None
     return SequenceParallelAttention(Communicator(groups.sp_group, stats, "prefill_attn"),

@@ -38,9 +38,9 @@ import torch
 import torch.distributed as dist
 
 from csps.attention.partial import partial_attention
+from csps.contract.csa_config import CsaConfig
 from csps.parallel.comm import CommStats, Communicator
 from csps.parallel.csa import _keys_travel, _queries_travel
-from csps.parallel.csa_config import CsaConfig
 from csps.parallel.csa_pipeline import far_geometry, far_levels, schedule
 from csps.parallel.groups import destroy_parallel_groups, find_free_port, init_parallel_groups
 

@@ -32,10 +32,10 @@ from sp_prefill import BLOCK_SIZE, _forward_fn, _load, _prompt
 from spawn_ranks import run_ranks
 
 from csps.attention.metadata import AttentionMetadata
+from csps.contract.csa_config import CsaConfig
 from csps.kvcache.placement import split_prompt
 from csps.model.resolve import resolve_model
 from csps.parallel.comm import CommStats, Communicator
-from csps.parallel.csa_config import CsaConfig
 from csps.parallel.groups import init_parallel_groups
 from csps.parallel.sp_attention import SequenceParallelAttention
 

@@ -178,11 +178,7 @@ class ParallelConfig:
             raise ValueError(f"sp_attention must be one of {SP_ATTENTION_ALGORITHMS}, "
                              f"got {self.sp_attention!r}")
         if self.sp_attention == "csa":
-            from csps.parallel.csa_config import CsaConfig  # pure Python
-
-            CsaConfig.parse(self.resolved_csa_levels, self.csa_far_queries,
-                            self.csa_micro_batch).check_sp_size(
-                self.sequence_parallel_size)
+            self.sp_attention_choice.csa.check_sp_size(self.sequence_parallel_size)
         if self.sp_decode not in SP_DECODE_MODES:
             raise ValueError(f"sp_decode must be one of {SP_DECODE_MODES}, "
                              f"got {self.sp_decode!r}")
@@ -195,6 +191,15 @@ class ParallelConfig:
     def resolved_csa_levels(self) -> str:
         """--csa-levels, or the default: one far level over the SP group at stride 2."""
         return self.csa_levels or f"1:1,{self.sequence_parallel_size}:2"
+
+    @property
+    def sp_attention_choice(self):
+        """The deployment's SP attention as the typed value the scheduler puts on every SP
+        prefill it decides (contract/sp_attention.py; pure Python)."""
+        from csps.contract.sp_attention import SpAttention
+
+        return SpAttention.parse(self.sp_attention, self.resolved_csa_levels,
+                                 self.csa_far_queries, self.csa_micro_batch)
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,8 @@ def make_scheduler(policy: str, sp_size: int, predictor: StepPredictor | None,
                    **config) -> Scheduler:
     return Scheduler(SchedulerConfig(policy=policy, **config),
                      DistributedKVCacheManager(sp_size, num_blocks, BLOCK), max_len, predictor,
-                     degrees)
+                     degrees, sp_attention=predictor.parallel.sp_attention_choice
+                     if predictor is not None else None)
 
 
 def make_request(rid: str, prompt_len: int, max_tokens: int = 4) -> Request:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from gloo_harness import run_distributed
 
 from csps.config import SchedulerConfig
+from csps.contract.sp_attention import SpAttention
 from csps.engine.worker import Worker
 from csps.kvcache.kv_cache_manager import KVCacheManager
 from csps.kvcache.placement import DistributedKVCacheManager
@@ -32,7 +33,7 @@ NUM_BLOCKS = 64  # per rank
 MAX_TOKENS = 8
 PROMPT_LENS = (9, 128)  # a short prompt (decoding while the long one prefills), a long one
 LOGIT_TOL = 1e-4
-ALGORITHMS = {"ulysses": "", "allgather_kv": "", "ring": ""}
+ALGORITHMS = {"ulysses": "", "allgather_kv": "", "ring": ""}  # name -> CSA levels
 # tokens per rank of a slice giving 1, 2 and 4 slices of the 128-token prompt
 CHUNKS = {2: {1: 0, 2: 32, 4: 16}, 4: {1: 0, 2: 16, 4: 8}}
 CSA_STRIDE_1 = {2: "1:1,2:1", 4: "1:1,2:1,4:1"}
@@ -89,14 +90,16 @@ def _chunked_rank(rank: int, world_size: int, model_dir) -> dict:
     prompts = _prompts(read_arch_config(model_dir).vocab_size)
     results = {}
     for algorithm, levels in {**ALGORITHMS, "csa": CSA_STRIDE_1[world_size]}.items():
-        worker = _worker(model_dir, groups, algorithm, levels or "1:1,2:2")
+        # NOTE: the worker's own default is ulysses: the steps say which algorithm to run
+        worker = _worker(model_dir, groups)
         for num_slices, chunk in CHUNKS[world_size].items():
             config = SchedulerConfig(policy="sps2", long_prompt_threshold=32,
                                      max_num_batched_tokens=32, lockstep=False,
                                      sp_prefill_chunk=chunk)
             scheduler = Scheduler(config, DistributedKVCacheManager(world_size, NUM_BLOCKS,
                                                                     BLOCK), 256,
-                                  num_instances=world_size)
+                                  num_instances=world_size,
+                                  sp_attention=SpAttention.parse(algorithm, levels))
             worker.first_logits.clear()
             results[(algorithm, num_slices)] = _serve_steps(worker, scheduler, prompts, groups)
     return results

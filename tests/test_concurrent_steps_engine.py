@@ -2,10 +2,10 @@
 on their own instances while a long prompt prefills in slices over a group of two others.
 
 The sps2 configurator (a fitted cost model of the tiny Llama, `--sp-prefill-degrees 2`) gives
-the long prompt a group of 2 of the 4 instances; the two short requests, admitted first, were placed on
-instances of their own. Checked: the long prompt ran in several SP slices on that group; while
-its slices were in flight (between its first and last slice) steps on instances outside the
-group ran the short requests' decodes; and every request's greedy tokens equal a
+the long prompt a group of 2 of the 4 instances; the two short requests, admitted first, were
+placed on an instance outside it. Checked: the long prompt ran in several SP slices on that
+group; while its slices were in flight (between its first and last slice) steps on instances
+outside the group ran the short requests' decodes; and every request's greedy tokens equal a
 single-process engine's on the same weights.
 """
 

@@ -9,10 +9,10 @@ import sys
 import pytest
 
 from csps.config import ParallelConfig
+from csps.contract.token_range import TokenRange
 from csps.costmodel.shape import ModelShape
 from csps.costmodel.sp_work import sp_prefill_work
 from csps.costmodel.work import iteration_work
-from csps.kvcache.placement import TokenRange
 from csps.request import SamplingParams
 from csps.scheduler.output import ScheduledRequest, SchedulerOutput
 

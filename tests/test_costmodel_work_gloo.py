@@ -76,7 +76,7 @@ def _rank(rank: int, world_size: int, model_dir, sp_size: int, tp_size: int,
                         csa_far_queries=parallel.csa_far_queries,
                         csa_micro_batch=parallel.csa_micro_batch)
         scheduler = Scheduler(config, DistributedKVCacheManager(sp_size, NUM_BLOCKS, BLOCK), 256,
-                              num_instances=sp_size)
+                              num_instances=sp_size, sp_attention=parallel.sp_attention_choice)
         for i, prompt in enumerate(prompts):
             scheduler.add_request(Request(f"r{i}", prompt, SamplingParams(
                 temperature=0, ignore_eos=True), max_tokens=MAX_TOKENS))

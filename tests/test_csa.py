@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from gloo_harness import run_distributed
 
+from csps.contract.csa_config import CsaConfig
 from csps.parallel.comm import CommStats, Communicator
 from csps.parallel.csa import csa_attention
-from csps.parallel.csa_config import CsaConfig
 from csps.parallel.csa_pipeline import far_geometry, far_levels
 
 HEAD_DIM = 16

@@ -180,6 +180,7 @@ def test_the_simulator_and_cost_models_import_without_torch():
 
 
 def test_sub_group_sp_prefills_in_one_iteration_add_up_per_rank_with_their_own_attention():
+    from csps.contract.sp_attention import SpAttention
     from csps.costmodel.work import iteration_work, sp_prefill_work
     from csps.request import SamplingParams
     from csps.scheduler.output import ScheduledRequest, SchedulerOutput
@@ -190,11 +191,11 @@ def test_sub_group_sp_prefills_in_one_iteration_add_up_per_rank_with_their_own_a
         return ScheduledRequest(rid, [0] * sum(lens), 0, [], SamplingParams(), True,
                                 leader=leader, sp_chunk_lens=lens, sp_attention=attention)
 
-    output = SchedulerOutput(1, [sp_prefill("a", (64, 64, 0, 0), 1, "ring"),
+    output = SchedulerOutput(1, [sp_prefill("a", (64, 64, 0, 0), 1, SpAttention("ring")),
                                  sp_prefill("b", (0, 0, 32, 48), 3, None)])
     works = iteration_work(output, shape, parallel, 16)
-    ring = sp_prefill_work([64, 64, 0, 0], shape, parallel, "ring")
-    ulysses = sp_prefill_work([0, 0, 32, 48], shape, parallel, "ulysses")
+    ring = sp_prefill_work([64, 64, 0, 0], shape, parallel, SpAttention("ring"))
+    ulysses = sp_prefill_work([0, 0, 32, 48], shape, parallel, SpAttention("ulysses"))
     for rank, (work, a, b) in enumerate(zip(works, ring, ulysses, strict=True)):
         assert work.num_tokens == a.num_tokens + b.num_tokens
         assert work.attn_pairs == a.attn_pairs + b.attn_pairs

@@ -18,6 +18,7 @@ import pytest
 import torch
 from gloo_harness import run_distributed
 
+from csps.contract.sp_attention import SpAttention
 from csps.engine.worker import Worker
 from csps.kvcache.placement import TokenRange, split_prompt
 from csps.model.loader import read_arch_config
@@ -86,9 +87,9 @@ def _rank(rank: int, world: int, model_dir) -> dict:
     start = sum(chunk_lens[:rank])
     own = [TokenRange(r, sum(chunk_lens[:r]), sum(chunk_lens[:r + 1]),
                       tuple(range(r * 16, r * 16 + 16))) for r in range(world)]
-    for name, overrides in {"ring override": {"sp_attention": "ring"},
-                            "csa stride 1": {"sp_attention": "csa",
-                                             "csa_levels": f"1:1,{world}:1"}}.items():
+    for name, overrides in {"ring override": {"sp_attention": SpAttention("ring")},
+                            "csa stride 1": {"sp_attention": SpAttention.parse(
+                                "csa", f"1:1,{world}:1")}}.items():
         worker = _worker(model_dir, groups, "ulysses")
         out = worker.execute_model(SchedulerOutput(1, [_request(tokens, chunk_lens, own,
                                                                 world - 1, **overrides)]))
@@ -139,11 +140,11 @@ def test_scale_down_and_per_request_algorithm(tiny_model_dir, reference, sp_size
 def test_plan_is_none_without_choices():
     from csps.attention.sp_prefill_plan import SpPrefillPlan
     own = [TokenRange(0, 0, 8, (0, 1)), TokenRange(1, 8, 12, (3,))]
-    assert SpPrefillPlan.for_request([8, 4], own, 0, BLOCK, "cpu", None, None) is None
+    assert SpPrefillPlan.for_request([8, 4], own, 0, BLOCK, "cpu", None) is None
     moved = [dataclasses.replace(own[0], rank=1, block_ids=(5, 6)), own[1]]
-    plan = SpPrefillPlan.for_request([8, 4], moved, 0, BLOCK, "cpu", None, None)
+    plan = SpPrefillPlan.for_request([8, 4], moved, 0, BLOCK, "cpu", None)
     assert plan.migrates and plan.kv_keep == {}  # rank 0 computes but keeps nothing
-    plan = SpPrefillPlan.for_request([8, 4], moved, 1, BLOCK, "cpu", None, None)
+    plan = SpPrefillPlan.for_request([8, 4], moved, 1, BLOCK, "cpu", None)
     rows, slots = plan.kv_keep[0]
     assert rows.tolist() == list(range(8)) and slots.tolist() == list(range(20, 28))
     assert plan.kv_keep[1][1].tolist() == [12, 13, 14, 15]

@@ -15,6 +15,8 @@ from policy_harness import (
     step,
 )
 
+from csps.contract.sp_attention import SpAttention
+
 
 def sps2(sp_size, cost=None, degrees=None, num_blocks=64, parallel=None, **config):
     predictor = make_predictor(sp_size, cost, **(parallel or {}))
@@ -27,7 +29,8 @@ def test_long_prompts_go_sp_over_the_group_and_short_ones_stay_local():
     sched, _ = sps2(2)
     sched.add_request(make_request("long", 64))
     (r,) = step(sched).scheduled_requests
-    assert r.sp_chunk_lens == (32, 32) and r.leader == 1 and r.sp_attention is None
+    assert r.sp_chunk_lens == (32, 32) and r.leader == 1
+    assert r.sp_attention == SpAttention("ulysses")  # the deployment's, decided whole
     sched.add_request(make_request("short", 12))
     step(sched)  # the long request's first decode (prefill and decode alternate)
     out = step(sched)
@@ -92,12 +95,12 @@ def test_nothing_is_admitted_when_no_candidate_fits():
                                                 ("1:1,P:2", "1:1,2:2"), ("1:1,P:4", None)])
 def test_csa_levels_are_chosen_by_predicted_time(candidates, levels):
     # a sparser far level sends fewer bytes and attends fewer pairs, so it is predicted
-    # faster; P stands for the degree; the engine's own levels (1:1,2:4) travel as None
+    # faster; P stands for the degree; a candidate that misfits leaves the engine's levels
     sched, _ = sps2(2, FakeCostModel(per_byte=1e-6, per_pair=1e-4), parallel={
         "sp_attention": "csa", "csa_levels": "1:1,2:4"}, sps2_csa_candidates=candidates)
     sched.add_request(make_request("long", 128))
     (r,) = step(sched).scheduled_requests
-    assert r.is_sp_prefill and r.csa_levels == levels
+    assert r.is_sp_prefill and r.sp_attention.csa.text == (levels or "1:1,2:4")
 
 
 def test_csa_levels_of_a_sub_group_name_its_degree():
@@ -106,7 +109,7 @@ def test_csa_levels_of_a_sub_group_name_its_degree():
                     sps2_csa_candidates="1:1,P:2")
     sched.add_request(make_request("long", 64))
     (r,) = step(sched).scheduled_requests
-    assert r.sp_chunk_lens == (32, 32, 0, 0) and r.csa_levels == "1:1,2:2"
+    assert r.sp_chunk_lens == (32, 32, 0, 0) and r.sp_attention.csa.text == "1:1,2:2"
 
 
 @pytest.mark.parametrize("per_collective,micro_batch", [(0.0, "1x16"), (0.01, None)])
@@ -116,7 +119,10 @@ def test_micro_batch_is_chosen_by_predicted_time(per_collective, micro_batch):
                     parallel={"sp_attention": "csa"}, sps2_micro_batch_candidates="none;1x16")
     sched.add_request(make_request("long", 128))
     (r,) = step(sched).scheduled_requests
-    assert r.is_sp_prefill and r.csa_micro_batch == micro_batch and r.csa_levels is None
+    csa = r.sp_attention.csa
+    assert r.is_sp_prefill and csa.text == "1:1,2:2"  # the engine's levels, every time
+    assert (csa.micro_batch_heads, csa.micro_batch_tokens) == ((1, 16) if micro_batch
+                                                               else (0, 0))
 
 
 @pytest.mark.parametrize("sp_size,degrees,seed", [(2, None, 0), (4, (1, 2, 3, 4), 1)])
@@ -163,13 +169,12 @@ def test_sliced_time_sums_every_slice_priced_with_its_prefix():
     from csps.scheduler.sp_books import slice_prompt
 
     group, n, chunk, block = (0, 1), 200, 32, 4
-    total, longest = Sps2Configurator._sliced_time(
-        n, group, chunk, block, 2, lambda lens, held: predictor.sp_prefill_time(lens, None,
-                                                                               None, None, held))
+    total, longest = Sps2Configurator._sliced_time(n, group, chunk, block, 2,
+                                                   predictor.sp_prefill_time)
     slices, held, times = slice_prompt(n, list(group), 2, chunk, block), [0, 0], []
     for lens in slices:
-        times.append(predictor.sp_prefill_time(list(lens), None, None, None,
-                                               held if sum(held) else None))
+        times.append(predictor.sp_prefill_time(list(lens),
+                                               prefix_lens=held if sum(held) else None))
         held = [h + x for h, x in zip(held, lens, strict=True)]
     assert len(slices) == 4
     assert total == pytest.approx(sum(times)) and longest == pytest.approx(max(times))

@@ -8,13 +8,13 @@ from __future__ import annotations
 import random
 
 import pytest
+from policy_harness import make_predictor
 
 from csps.config import SchedulerConfig
 from csps.kvcache.placement import DistributedKVCacheManager
 from csps.request import Request, SamplingParams
 from csps.scheduler import RunnerOutput, Scheduler
 from csps.scheduler.instances import components
-from policy_harness import make_predictor
 
 BLOCK = 4
 
@@ -22,8 +22,8 @@ BLOCK = 4
 def make_scheduler(sp_size=4, num_blocks=64, threshold=32, budget=16, chunk=8, predictor=None,
                    degrees=None, max_num_seqs=16):
     config = SchedulerConfig(policy="sps2", max_num_batched_tokens=budget,
-                             long_prompt_threshold=threshold, sp_prefill_chunk=chunk, lockstep=False,
-                             max_num_seqs=max_num_seqs)
+                             long_prompt_threshold=threshold, sp_prefill_chunk=chunk,
+                             lockstep=False, max_num_seqs=max_num_seqs)
     return Scheduler(config, DistributedKVCacheManager(sp_size, num_blocks, BLOCK), 512,
                      predictor, degrees)
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from csps.kvcache.placement import TokenRange
-from csps.parallel.csa_config import CsaConfig
+from csps.contract.sp_attention import SpAttention
+from csps.contract.token_range import TokenRange
 
 
 @dataclass(frozen=True, eq=False)
 class SpPrefillPlan:
-    algorithm: str | None = None  # None: the backend's configured algorithm
-    csa_config: CsaConfig | None = None  # with algorithm "csa" (None: the backend's)
+    attention: SpAttention | None = None  # the request's (None: the backend's, for callers
+    # that run the model directly, e.g. tests; the engine's steps always carry one)
     # chunk index -> (rows [m] int64 inside that chunk, slots [m] int64 in this rank's cache).
     # None: this rank keeps exactly its own chunk, at metadata.slot_mapping.
     kv_keep: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -62,8 +62,8 @@ class SpPrefillPlan:
     @classmethod
     def for_request(cls, chunk_lens: Sequence[int], kv_ranges: Sequence[TokenRange],
                     sp_rank: int, block_size: int, device: torch.device | str,
-                    algorithm: str | None, csa_config: CsaConfig | None,
-                    num_computed: int = 0, first: int = 0) -> SpPrefillPlan | None:
+                    attention: SpAttention | None, num_computed: int = 0,
+                    first: int = 0) -> SpPrefillPlan | None:
         """The plan, or None when nothing differs from the backend's default (a fresh prompt;
         every rank keeps exactly its own chunk; the configured algorithm). Decided from the
         whole placement, so every rank of the group agrees on it. num_computed: the slice's
@@ -80,10 +80,9 @@ class SpPrefillPlan:
                                                      block_size, device)
         prefix = (held_slots(kv_ranges, sp_rank, 0, num_computed, block_size, device)
                   if num_computed else None)
-        if kv_keep is None and algorithm is None and csa_config is None and prefix is None:
+        if kv_keep is None and attention is None and prefix is None:
             return None
-        return cls(algorithm=algorithm, csa_config=csa_config, kv_keep=kv_keep,
-                   prefix_slots=prefix)
+        return cls(attention=attention, kv_keep=kv_keep, prefix_slots=prefix)
 
 
 def held_slots(kv_ranges: Sequence[TokenRange], rank: int, start: int, end: int,

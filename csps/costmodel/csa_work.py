@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from csps.contract.csa_config import CsaConfig
 from csps.costmodel.base import RankWork
 from csps.costmodel.shape import ModelShape
-from csps.parallel.csa_config import CsaConfig
 
 
 class CsaLevel:

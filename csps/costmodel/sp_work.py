@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from csps.config import ParallelConfig
+from csps.contract.sp_attention import SpAttention
 from csps.costmodel.base import RankWork
 from csps.costmodel.csa_work import csa_levels_work
 from csps.costmodel.shape import ModelShape
-from csps.parallel.csa_config import CsaConfig
 
 
 def even_split(total: int, parts: int) -> list[int]:
@@ -51,18 +51,19 @@ def add_tp(work: RankWork, num_tokens: int, shape: ModelShape, tp_size: int,
 
 
 def sp_prefill_work(chunk_lens: Sequence[int], shape: ModelShape, parallel: ParallelConfig,
-                    sp_attention: str | None = None, csa_levels: str | None = None, *,
-                    csa_micro_batch: str | None = None, tp_rank: int = 0,
+                    sp_attention: SpAttention | None = None, *, tp_rank: int = 0,
                     prefix_lens: Sequence[int] | None = None) -> list[RankWork]:
     """One RankWork per SP rank (len(chunk_lens) == sequence_parallel_size): TP member tp_rank
-    of each SP rank. sp_attention / csa_levels / csa_micro_batch default to the parallel
-    config's (the levels' top group: the ranks with tokens). The last rank with tokens
-    samples the first token. prefix_lens: for a later slice of a chunked SP prefill, the
-    prompt's tokens before the slice each SP rank holds (the prefix exchange, sp_prefix.py)."""
+    of each SP rank. sp_attention: the request's (None: the deployment's, for the group of
+    ranks with tokens). The last rank with tokens samples the first token. prefix_lens: for a
+    later slice of a chunked SP prefill, the prompt's tokens before the slice each SP rank
+    holds (the prefix exchange, sp_prefix.py)."""
     if len(chunk_lens) != parallel.sequence_parallel_size or min(chunk_lens, default=0) < 0:
         raise ValueError(f"chunk_lens {list(chunk_lens)} must list "
                          f"{parallel.sequence_parallel_size} lengths >= 0")
-    algorithm = sp_attention or parallel.sp_attention
+    choice = sp_attention or parallel.sp_attention_choice.for_group(
+        sum(1 for n in chunk_lens if n))
+    algorithm = choice.algorithm
     tp_size = parallel.tensor_parallel_size
     hq, hkv = tp_heads(shape, tp_size, tp_rank)
     members = [r for r, n in enumerate(chunk_lens) if n]  # the request's group, in order
@@ -76,11 +77,7 @@ def sp_prefill_work(chunk_lens: Sequence[int], shape: ModelShape, parallel: Para
     elif algorithm in ("allgather_kv", "ring"):
         _kv_layouts(group, lens, shape, hq, hkv, ring=algorithm == "ring")
     elif algorithm == "csa":
-        whole_group = len(members) == parallel.sequence_parallel_size
-        text = csa_levels or (parallel.resolved_csa_levels if whole_group
-                              else f"1:1,{len(members)}:2")
-        micro_batch = parallel.csa_micro_batch if csa_micro_batch is None else csa_micro_batch
-        config = CsaConfig.parse(text, parallel.csa_far_queries, micro_batch)
+        config = choice.csa
         config.check_sp_size(len(members))
         for work, n in zip(group, lens, strict=True):  # level 0: own block, dense causal
             work.attn_pairs += n * (n + 1) / 2 * hq / shape.num_heads

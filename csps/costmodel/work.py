@@ -38,7 +38,6 @@ def iteration_work(output: SchedulerOutput, shape: ModelShape, parallel: Paralle
              else [RankWork() for _ in range(parallel.sequence_parallel_size)])
     for request in sp_prefills:
         part = sp_prefill_work(request.sp_chunk_lens, shape, parallel, request.sp_attention,
-                               request.csa_levels, csa_micro_batch=request.csa_micro_batch,
                                tp_rank=tp_rank, prefix_lens=_prefix_lens(request, len(works)))
         for work in part:
             work.num_sampled = 0

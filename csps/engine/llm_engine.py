@@ -16,14 +16,12 @@ from csps.engine.output_processor import RequestState, finished_stats, record_to
 from csps.engine.outputs import IterationStats, RequestMetrics, RequestOutput
 from csps.engine.worker import resolve_device, resolve_dtype
 from csps.kvcache.capacity import kv_bytes_per_token, plan_num_blocks
-from csps.kvcache.kv_cache_manager import KVCacheManager
-from csps.kvcache.placement import DistributedKVCacheManager
 from csps.layers.linear import shard_range
 from csps.model.loader import read_arch_config
 from csps.model.resolve import resolve_model
 from csps.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from csps.request import Request, RequestStatus, SamplingParams
-from csps.scheduler import Scheduler
+from csps.scheduler.deployment import build_scheduler, places_kv_per_rank
 from csps.scheduler.output import RunnerOutput, Step
 from csps.scheduler.predictor import build_predictor
 
@@ -47,7 +45,7 @@ class LLMEngine:
                                 for r in range(parallel.tensor_parallel_size))
         bytes_per_token = kv_bytes_per_token(self.arch.num_hidden_layers, kv_heads_per_rank,
                                              self.arch.head_dim, dtype)
-        placed = config.scheduler.policy in ("sps2", "loongserve")  # KV placed per SP rank
+        placed = places_kv_per_rank(config.scheduler.policy)
         sp_ranks = parallel.sequence_parallel_size if placed else 1
         num_blocks = plan_num_blocks(config.cache.kv_cache_memory_bytes, config.cache.block_size,
                                      bytes_per_token, self.max_model_len, num_ranks=sp_ranks)
@@ -57,17 +55,10 @@ class LLMEngine:
             sp_attention=parallel.sp_attention, sp_decode=parallel.sp_decode,
             csa_levels=parallel.resolved_csa_levels, csa_far_queries=parallel.csa_far_queries,
             csa_micro_batch=parallel.csa_micro_batch))
-        if placed:  # kvcache/placement.py
-            kv_cache_manager = DistributedKVCacheManager(parallel.sequence_parallel_size,
-                                                         num_blocks, config.cache.block_size)
-        else:
-            kv_cache_manager = KVCacheManager(num_blocks, config.cache.block_size)
         predictor = build_predictor(config.scheduler.cost_model, model_dir, parallel,
                                     config.cache.block_size, dtype,
                                     config.scheduler.policy) if placed else None
-        self.scheduler = Scheduler(config.scheduler, kv_cache_manager, self.max_model_len,
-                                   predictor, config.scheduler.allowed_sp_degrees or None,
-                                   num_instances=parallel.sequence_parallel_size)
+        self.scheduler = build_scheduler(config, num_blocks, self.max_model_len, predictor)
         self._states: dict[str, RequestState] = {}
 
     # ---- admission --------------------------------------------------------------------------

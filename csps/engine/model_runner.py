@@ -17,15 +17,13 @@ class ModelRunner:
     """sp_rank/sp_size: this rank's place in its SP group (0/1 without sequence parallelism)."""
 
     def __init__(self, model, kv_caches: list, block_size: int, device: torch.device,
-                 sampler: Sampler, sp_rank: int = 0, sp_size: int = 1,
-                 csa_options: tuple[str, str, str] = ("", "all", "")) -> None:
+                 sampler: Sampler, sp_rank: int = 0, sp_size: int = 1) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
         self.sampler = sampler
         self.sp_rank, self.sp_size = sp_rank, sp_size
-        self.csa_options = csa_options  # (levels, far_queries, micro_batch) the worker runs
 
     def prepare(self, scheduler_output: SchedulerOutput) -> ModelInput | None:
         requests = scheduler_output.scheduled_requests
@@ -33,7 +31,7 @@ class ModelRunner:
             return None
         if any(r.kv_ranges for r in requests):  # placed by an SP-aware scheduler
             return prepare_sp_inputs(requests, self.sp_rank, self.sp_size, self.block_size,
-                                     self.device, self.csa_options)
+                                     self.device)
         return prepare_inputs(requests, self.block_size, self.device)
 
     @torch.inference_mode()

@@ -23,21 +23,17 @@ from csps.attention.metadata import AttentionMetadata
 from csps.attention.sp_decode_plan import SpDecodePlan
 from csps.attention.sp_prefill_plan import SpPrefillPlan, held_slots
 from csps.engine.model_input import ModelInput, flatten_requests
-from csps.parallel.csa_config import CsaConfig
 from csps.scheduler.output import ScheduledRequest
 
 
 def prepare_sp_inputs(requests: Sequence[ScheduledRequest], sp_rank: int, sp_size: int,
-                      block_size: int, device: torch.device,
-                      csa_options: tuple[str, str, str] = ("", "all", "")) -> ModelInput | None:
-    """csa_options: the worker's (levels, far_queries, micro_batch), the base of a request's
-    own CSA choice."""
+                      block_size: int, device: torch.device) -> ModelInput | None:
     prefills = [r for r in requests if r.is_sp_prefill]
     if len(prefills) > 1:
         raise ValueError(f"a step runs at most one SP prefill, got {len(prefills)}")
     head = _led_input([r for r in requests if not r.is_sp_prefill], sp_rank, sp_size,
                       block_size, device)
-    tail = (_sp_prefill_input(prefills[0], sp_rank, block_size, device, csa_options)
+    tail = (_sp_prefill_input(prefills[0], sp_rank, block_size, device)
             if prefills else None)
     if tail is None or head is None:
         return tail or head
@@ -68,8 +64,7 @@ def _led_input(requests: Sequence[ScheduledRequest], sp_rank: int, sp_size: int,
 
 
 def _sp_prefill_input(request: ScheduledRequest, sp_rank: int, block_size: int,
-                      device: torch.device, csa_options: tuple[str, str, str]
-                      ) -> ModelInput | None:
+                      device: torch.device) -> ModelInput | None:
     """This rank's chunk of an SP prefill slice; None when it computes none of it. Chunk
     lengths come indexed by the step's ranks; the prefill's group is the contiguous run of
     ranks with a nonzero chunk, and its metadata counts ranks from the group's first."""
@@ -88,8 +83,8 @@ def _sp_prefill_input(request: ScheduledRequest, sp_rank: int, block_size: int,
     start = computed + sum(lens[:sp_rank])
     end = start + lens[sp_rank]
     plan = SpPrefillPlan.for_request(chunk_lens, request.kv_ranges, sp_rank, block_size, device,
-                                     request.sp_attention, _request_csa(request, csa_options),
-                                     num_computed=computed, first=first)
+                                     request.sp_attention, num_computed=computed,
+                                     first=first)
     slots = None
     if plan is None or not plan.migrates:  # this rank keeps its own chunk
         slots = held_slots(request.kv_ranges, sp_rank, start, end, block_size, device)  # [n_r]
@@ -104,14 +99,3 @@ def _sp_prefill_input(request: ScheduledRequest, sp_rank: int, block_size: int,
                if sp_rank == request.leader and request.do_sample else [])
     return ModelInput.from_lists(request.token_ids[start - computed:end - computed],
                                  list(range(start, end)), metadata, samples, device)
-
-
-def _request_csa(request: ScheduledRequest, csa_options: tuple[str, str, str]) -> CsaConfig | None:
-    """The request's own CSA levels / micro-batch (the sps2 configurator's), or None."""
-    levels = getattr(request, "csa_levels", None)
-    micro_batch = getattr(request, "csa_micro_batch", None)
-    if levels is None and micro_batch is None:
-        return None
-    base_levels, far_queries, base_micro = csa_options
-    return CsaConfig.parse(levels or base_levels, far_queries,
-                           base_micro if micro_batch is None else micro_batch)

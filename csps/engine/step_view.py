@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from csps.kvcache.placement import TokenRange
+from csps.contract.token_range import TokenRange
 from csps.scheduler.output import ScheduledRequest, SchedulerOutput, Step
 
 

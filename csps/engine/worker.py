@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from csps.contract.csa_config import CsaConfig
 from csps.engine.model_runner import ModelRunner
 from csps.engine.sampler import Sampler
 from csps.engine.step_view import local_output
 from csps.kvcache.paged_cache import allocate_kv_caches
 from csps.model.loader import load_model
 from csps.parallel.comm import CommStats
-from csps.parallel.csa_config import CsaConfig
 from csps.scheduler.output import RunnerOutput, SchedulerOutput, Step
 
 if TYPE_CHECKING:
@@ -66,8 +66,7 @@ class Worker:
             head_dim=arch.head_dim, dtype=TORCH_DTYPES[dtype], device=self.device)
         sp_rank, sp_size = (0, 1) if groups is None else (groups.sp_rank, groups.sp_size)
         self.runner = ModelRunner(self.model, kv_caches, block_size, self.device, Sampler(seed),
-                                  sp_rank=sp_rank, sp_size=sp_size,
-                                  csa_options=(csa_levels, csa_far_queries, csa_micro_batch))
+                                  sp_rank=sp_rank, sp_size=sp_size)
 
     def execute_step(self, step: Step) -> RunnerOutput:
         """Run a step of this rank's instances on their process group (ranks in the step

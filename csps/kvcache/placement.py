@@ -14,6 +14,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from csps.contract.token_range import TokenRange
 from csps.kvcache.block_pool import BlockPool
 from csps.kvcache.kv_cache_manager import cdiv
 
@@ -39,25 +40,6 @@ def split_prompt(num_tokens: int, sp_size: int, block_size: int) -> list[int]:
     lens = [block_size * (base + (1 if r >= sp_size - extra else 0)) for r in range(sp_size)]
     lens[-1] -= num_blocks * block_size - num_tokens  # the final block may be partial
     return lens
-
-
-@dataclass(frozen=True)
-class TokenRange:
-    """Positions [start, end) of a request, held on `rank` in blocks block_ids (from offset 0)."""
-
-    rank: int
-    start: int
-    end: int
-    block_ids: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if self.rank < 0 or not 0 <= self.start <= self.end:
-            raise ValueError(f"bad token range rank={self.rank} [{self.start}, {self.end})")
-        object.__setattr__(self, "block_ids", tuple(self.block_ids))  # hashable, immutable
-
-    @property
-    def num_tokens(self) -> int:
-        return self.end - self.start
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ import torch
 
 from csps.attention.merge import merge_attn_states
 from csps.attention.partial import partial_attention
+from csps.contract.csa_config import CsaConfig
 from csps.parallel.comm import Communicator
-from csps.parallel.csa_config import CsaConfig
 from csps.parallel.sp_layout import check_local_qkv, chunk_starts
 
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from csps.attention.merge import merge_attn_states
+from csps.contract.csa_config import CsaConfig
 from csps.parallel.comm import Communicator
 from csps.parallel.csa import _attend, _far_ranks, _Level, _pack, _unpack
-from csps.parallel.csa_config import CsaConfig
 from csps.parallel.sp_layout import chunk_starts
 
 

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from csps.attention.backend import AttentionBackend
-from csps.attention.reference import ReferenceAttentionBackend
 from csps.attention.merge import merge_attn_states
+from csps.attention.reference import ReferenceAttentionBackend
+from csps.contract.csa_config import CsaConfig
 from csps.parallel.allgather_kv import allgather_kv_attention
 from csps.parallel.csa import csa_attention
-from csps.parallel.csa_config import CsaConfig
 from csps.parallel.ring import ring_attention
 from csps.parallel.sp_decode import kvmove_decode_attention, qmove_decode_attention
 from csps.parallel.sp_prefix import prefix_attention
@@ -149,8 +149,9 @@ class SequenceParallelAttention(AttentionBackend):
     def _attend_for(self, plan: SpPrefillPlan | None, size: int):
         """(attention function, algorithm name) for this request on a group of `size`: the
         plan's choice or ours. Built once per choice and size."""
-        algorithm = (plan.algorithm if plan is not None else None) or self.algorithm
-        config = (plan.csa_config if plan is not None else None) or self._csa_config
+        chosen = plan.attention if plan is not None else None
+        algorithm = chosen.algorithm if chosen is not None else self.algorithm
+        config = chosen.csa if chosen is not None else self._csa_config
         key = (algorithm, config if algorithm == "csa" else None, size)
         if key not in self._per_request:
             if algorithm not in SP_ALGORITHMS:

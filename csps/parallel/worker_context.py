@@ -4,8 +4,8 @@ group) and the tensor-parallel context for its TP group, sharing one CommStats."
 
 from __future__ import annotations
 
+from csps.contract.csa_config import CsaConfig
 from csps.parallel.comm import CommStats, Communicator
-from csps.parallel.csa_config import CsaConfig
 from csps.parallel.groups import ParallelGroups
 from csps.parallel.sp_attention import SequenceParallelAttention
 from csps.parallel.sp_tp import TensorParallelContext

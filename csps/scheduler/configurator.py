@@ -26,14 +26,16 @@ No torch.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from csps.contract.csa_config import CsaConfig
+from csps.contract.sp_attention import SpAttention
 from csps.kvcache.kv_cache_manager import cdiv
 from csps.kvcache.placement import split_prompt
-from csps.parallel.csa_config import CsaConfig
-from csps.scheduler.sp_books import SpPrefillPlan, slice_prompt
+from csps.scheduler.sp_books import SpPrefillSchedule, slice_prompt
 
 if TYPE_CHECKING:
     from csps.request import Request
@@ -48,7 +50,7 @@ class SpChoice:
     degree: int
     ranks: tuple[int, ...]
     ttft_s: float  # predicted queueing + prefill
-    plan: SpPrefillPlan | None = None  # the SP prefill (degree > 1)
+    plan: SpPrefillSchedule | None = None  # the SP prefill (degree > 1)
     chunk: int = 0  # tokens per rank of a slice (0: the prompt whole in one step)
     step_s: float = 0.0  # predicted time of its longest step, decodes riding included
 
@@ -103,14 +105,12 @@ class Sps2Configurator:
         for rank, length in zip(group, lens, strict=True):
             chunk_lens[rank] = length
         choices = []
-        for attention, levels, micro_batch in self._attention_candidates(degree):
-            plan = SpPrefillPlan(tuple(chunk_lens), sp_attention=attention, csa_levels=levels,
-                                 csa_micro_batch=micro_batch)
+        for attention in self._attention_candidates(degree):
+            plan = SpPrefillSchedule(tuple(chunk_lens), sp_attention=attention)
             for chunk in self._chunk_candidates(n, degree, block_size):
                 prefill_s, step_s = self._sliced_time(
                     n, group, chunk, block_size, scheduler.sp_size,
-                    lambda lens, held: self.predictor.sp_prefill_time(
-                        lens, attention, levels, micro_batch, held))
+                    functools.partial(self.predictor.sp_prefill_time, sp_attention=attention))
                 choices.append(SpChoice(degree, group, queue_s + prefill_s, plan, chunk,
                                         step_s + decode_s))
         return choices
@@ -130,33 +130,30 @@ class Sps2Configurator:
     def _sliced_time(n: int, group: tuple[int, ...], chunk: int, block_size: int,
                      sp_size: int, price) -> tuple[float, float]:
         """(the SP prefill's seconds, its longest slice's) in slices of `chunk` per rank;
-        price(chunk_lens, prefix_lens or None) is one slice's time."""
+        price(chunk_lens, prefix_lens=None) is one slice's time."""
         slices = slice_prompt(n, list(group), sp_size, chunk, block_size) if chunk else None
         if not slices or len(slices) == 1:
             whole = slices[0] if slices else tuple(split_over(n, group, sp_size, block_size))
-            seconds = price(list(whole), None)
+            seconds = price(list(whole))
             return seconds, seconds
         per_rank = [sum(lens[r] for lens in slices[:-1]) for r in range(sp_size)]
         full = len(slices) - 1  # slices 0 .. full-1 have the same shape
-        first = price(list(slices[0]), None)
+        first = price(list(slices[0]))
         before_last = [x - y for x, y in zip(per_rank, slices[0], strict=True)]
-        last_full = price(list(slices[0]), before_last) if full > 1 else first
-        final = price(list(slices[-1]), per_rank)
+        last_full = price(list(slices[0]), prefix_lens=before_last) if full > 1 else first
+        final = price(list(slices[-1]), prefix_lens=per_rank)
         return full * (first + last_full) / 2 + final, max(last_full, final)
 
-    def _attention_candidates(self, degree: int) -> list[tuple]:
-        """(sp_attention, csa_levels, csa_micro_batch), None meaning the engine's value."""
-        parallel = self.predictor.parallel
-        if parallel.sp_attention != "csa":
-            return [(None, None, None)]
-        full = degree == parallel.sequence_parallel_size
-        default = None if full else f"1:1,{degree}:2"
-        levels = [c.replace("P", str(degree)) for c in self.csa_candidates] or [default]
-        levels = [lv for lv in levels if lv is None or _valid_levels(lv, degree)]
-        levels = [None if full and lv == parallel.resolved_csa_levels else lv for lv in levels]
-        batches = [None if mb == parallel.csa_micro_batch else mb
-                   for mb in self.micro_batch_candidates] or [None]
-        return [(None, lv, mb) for lv in dict.fromkeys(levels) for mb in dict.fromkeys(batches)]
+    def _attention_candidates(self, degree: int) -> list[SpAttention]:
+        """The deployment's SP attention on a group of `degree`, and under CSA each candidate
+        of levels ('P' standing for the degree) and micro-batch."""
+        base = self.predictor.parallel.sp_attention_choice.for_group(degree)
+        if base.csa is None:
+            return [base]
+        levels = [c.replace("P", str(degree)) for c in self.csa_candidates]
+        levels = [lv for lv in levels if _valid_levels(lv, degree)] or [None]
+        batches = self.micro_batch_candidates or [None]
+        return list(dict.fromkeys(base.with_csa(lv, mb) for lv in levels for mb in batches))
 
     def _local_ttft(self, scheduler: Scheduler, rank: int, n: int,
                     decode_s: float) -> tuple[float, float]:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from csps.kvcache.placement import split_prompt
 from csps.scheduler.loongserve_admission import LoongServeAdmission, sorted_by_length
 from csps.scheduler.loongserve_batching import PrefillGroup, PrefillPlan, fit_prefill_cost
-from csps.scheduler.sp_books import SpPrefillPlan
+from csps.scheduler.sp_books import SpPrefillSchedule
 
 if TYPE_CHECKING:
     from csps.request import Request
@@ -126,7 +126,7 @@ class LoongServePolicy(LoongServeAdmission):
                 return
 
     def scale_down_plan(self, scheduler: Scheduler, request: Request,
-                        group: Sequence[int]) -> SpPrefillPlan:
+                        group: Sequence[int]) -> SpPrefillSchedule:
         """Chunks computed over the group in rank order; KV kept on the fewest group ranks, most
         free first, whose free blocks hold the prompt plus headroom, each filled in turn; every
         other SP rank joins the decode group with 0 tokens (scale-up room)."""
@@ -149,7 +149,7 @@ class LoongServePolicy(LoongServeAdmission):
             kv_lens.append(take)
             left -= take
         others = [r for r in range(scheduler.sp_size) if r not in kept]
-        return SpPrefillPlan(tuple(chunk_lens), tuple(kv_lens) + (0,) * len(others),
+        return SpPrefillSchedule(tuple(chunk_lens), tuple(kv_lens) + (0,) * len(others),
                              tuple(kept + others))
 
     def rebalance_masters(self, scheduler: Scheduler, decodes: list[Request]) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from csps.kvcache.placement import TokenRange
+from csps.contract.sp_attention import SpAttention
+from csps.contract.token_range import TokenRange
 from csps.request import SamplingParams
 
 # What workers' traffic is counted by (RunnerOutput.comm_bytes keys; parallel/comm.py).
@@ -38,13 +39,10 @@ class ScheduledRequest:
     kv_ranges: tuple[TokenRange, ...] = ()
     leader: int = 0
     sp_chunk_lens: tuple[int, ...] | None = None
-    # An SP prefill's per-request choices (the sps2 configurator's); None = the engine's
-    # ParallelConfig. sp_attention: ulysses|allgather_kv|ring|csa; csa_levels: group:stride
-    # pairs whose top group is the number of ranks with a nonzero chunk; csa_micro_batch:
-    # HEADSxTOKENS ("" = no pipelining).
-    sp_attention: str | None = None
-    csa_levels: str | None = None
-    csa_micro_batch: str | None = None
+    # An SP prefill's attention across its chunks, decided whole by the scheduler (the
+    # deployment's choice or the sps2 configurator's; CSA levels topped by the group's size).
+    # None only when this is not an SP prefill.
+    sp_attention: SpAttention | None = None
 
     @property
     def is_sp_prefill(self) -> bool:

@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from csps.config import SchedulerConfig
-    from csps.request import Request
     from csps.scheduler.batch import BatchBuilder
     from csps.scheduler.predictor import StepPredictor
     from csps.scheduler.scheduler import Scheduler

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from csps.kvcache.placement import TokenRange
+from csps.contract.sp_attention import SpAttention
+from csps.contract.token_range import TokenRange
 from csps.request import SamplingParams
 from csps.scheduler.output import ScheduledRequest, SchedulerOutput
 
@@ -35,18 +36,16 @@ class StepPredictor:
     def sp_size(self) -> int:
         return self.parallel.sequence_parallel_size
 
-    def sp_prefill_time(self, chunk_lens: Sequence[int], sp_attention: str | None = None,
-                        csa_levels: str | None = None,
-                        csa_micro_batch: str | None = None,
+    def sp_prefill_time(self, chunk_lens: Sequence[int], sp_attention: SpAttention | None = None,
                         prefix_lens: Sequence[int] | None = None) -> float:
         """One prompt (or one slice of it) prefilled alone over the ranks with nonzero
-        chunk_lens (one length per SP rank, in rank order); None choices are the engine's
-        ParallelConfig. prefix_lens: a later slice's earlier tokens held per SP rank."""
+        chunk_lens (one length per SP rank, in rank order) with sp_attention (None: the
+        deployment's, for the group). prefix_lens: a later slice's earlier tokens held per SP
+        rank."""
         from csps.costmodel.work import sp_prefill_work
 
         return self.cost_model.iteration_time(sp_prefill_work(
-            list(chunk_lens), self.shape, self.parallel, sp_attention, csa_levels,
-            csa_micro_batch=csa_micro_batch, prefix_lens=prefix_lens))
+            list(chunk_lens), self.shape, self.parallel, sp_attention, prefix_lens=prefix_lens))
 
     def local_prefill_time(self, chunks: Sequence[tuple[int, int, int]]) -> float:
         """Prompt chunks each run whole on one rank: (rank, num_new_tokens, num_computed)."""

@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from csps.config import SchedulerConfig
+from csps.contract.sp_attention import SpAttention
 from csps.kvcache.kv_cache_manager import KVCacheManager
 from csps.kvcache.placement import DistributedKVCacheManager
 from csps.request import Request, RequestStatus
 from csps.scheduler.batch import BatchBuilder
 from csps.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from csps.scheduler.policy import make_policy
-from csps.scheduler.sp_books import SequenceParallelBooks, SpPrefillPlan
+from csps.scheduler.sp_books import SequenceParallelBooks, SpPrefillSchedule
 from csps.scheduler.step_books import StepBooks
 
 if TYPE_CHECKING:
@@ -38,18 +39,22 @@ class Scheduler(SequenceParallelBooks, StepBooks):
                  kv_cache_manager: KVCacheManager | DistributedKVCacheManager,
                  max_model_len: int, predictor: StepPredictor | None = None,
                  allowed_sp_degrees: Sequence[int] | None = None,
-                 num_instances: int | None = None) -> None:
+                 num_instances: int | None = None,
+                 sp_attention: SpAttention | None = None) -> None:
         """predictor: prices candidate iterations for the policies that plan with a cost model
         (sps2's configurator, loongserve). allowed_sp_degrees: SP prefill group sizes the
         workers can run; default {1, P} (an SP prefill spans the whole group; 1 = a rank's
         local prefill); the simulator may allow any of 1..P. num_instances: the SP ranks a
         lock-step step spans (default: the KV manager's ranks; more when a policy that keeps
-        one pool runs over several SP ranks)."""
+        one pool runs over several SP ranks). sp_attention: the deployment's SP attention
+        (ParallelConfig.sp_attention_choice; default Ulysses), put on every SP prefill whose
+        policy chose none."""
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.max_model_len = max_model_len
         self.token_budget = config.token_budget(max_model_len)
         self.predictor = predictor
+        self.sp_attention = sp_attention or SpAttention()
         self.policy = make_policy(config, predictor, allowed_sp_degrees)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the newest
@@ -59,7 +64,7 @@ class Scheduler(SequenceParallelBooks, StepBooks):
         # Sequence parallelism (a DistributedKVCacheManager): each placed request's leader,
         # the SP rank that runs its tokens, and this iteration's SP prefills.
         self._leaders: dict[str, int] = {}
-        self._sp_prefills: dict[str, SpPrefillPlan] = {}  # requests prefilling over a group
+        self._sp_prefills: dict[str, SpPrefillSchedule] = {}  # requests prefilling over a group
         self._init_steps(num_instances)
 
     # ---- queue management -------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from csps.contract.sp_attention import SpAttention
 from csps.kvcache.kv_cache_manager import cdiv
 from csps.kvcache.placement import DistributedKVCacheManager, TokenRange, split_prompt
 from csps.request import RequestStatus
@@ -19,18 +20,17 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class SpPrefillPlan:
-    """How one SP prefill runs. chunk_lens: tokens computed per SP rank, in rank order (0 = not
-    in the group); kv_lens / kv_ranks: where its KV stays, in position order (empty: where it
-    is computed; ranks listed with 0 tokens join its decode group, so decode KV may grow
-    there); the rest: per-request attention choices (None = the engine's)."""
+class SpPrefillSchedule:
+    """How one SP prefill is scheduled. chunk_lens: tokens computed per SP rank, in rank order
+    (0 = not in the group); kv_lens / kv_ranks: where its KV stays, in position order (empty:
+    where it is computed; ranks listed with 0 tokens join its decode group, so decode KV may
+    grow there); sp_attention: its own choice (None: the deployment's, resolved for the
+    group when its steps are emitted)."""
 
     chunk_lens: tuple[int, ...]
     kv_lens: tuple[int, ...] = ()
     kv_ranks: tuple[int, ...] = ()
-    sp_attention: str | None = None
-    csa_levels: str | None = None
-    csa_micro_batch: str | None = None
+    sp_attention: SpAttention | None = None
     # A chunked SP prefill: per slice, in prompt order, its chunk length per SP rank (same
     # indexing as chunk_lens). Empty: one slice, chunk_lens.
     slices: tuple[tuple[int, ...], ...] = ()
@@ -66,8 +66,9 @@ def slice_prompt(num_tokens: int, group: list[int], sp_size: int, chunk: int,
 
 
 class SequenceParallelBooks:
-    """Needs the Scheduler's kv_cache_manager, waiting, running, schedule_prefill, and the
-    _leaders / _sp_prefills dicts it creates."""
+    """Needs the Scheduler's kv_cache_manager, waiting, running, schedule_prefill,
+    sp_attention (the deployment's SpAttention), and the _leaders / _sp_prefills dicts it
+    creates."""
 
     @property
     def is_distributed(self) -> bool:
@@ -85,7 +86,7 @@ class SequenceParallelBooks:
         return blocks * manager.block_size
 
     def admit_sequence_parallel(self, request: Request, batch: BatchBuilder,
-                                plan: SpPrefillPlan | None = None, alone: bool = True,
+                                plan: SpPrefillSchedule | None = None, alone: bool = True,
                                 chunk: int = 0) -> bool:
         """Admit the waiting head as an SP prefill: its whole prompt in this iteration, chunk r
         computed on SP rank r (default plan: split over every rank, KV where it is computed).
@@ -96,7 +97,7 @@ class SequenceParallelBooks:
         chunk > 0 (KV where computed): a chunked SP prefill of slices of `chunk` tokens per
         rank (slice_prompt), its first slice scheduled now, the rest in later steps."""
         if plan is None:
-            plan = SpPrefillPlan(tuple(split_prompt(request.num_tokens, self.sp_size,
+            plan = SpPrefillSchedule(tuple(split_prompt(request.num_tokens, self.sp_size,
                                                     self.kv_cache_manager.block_size)))
             if min(plan.chunk_lens) < 1:
                 return False
@@ -136,7 +137,7 @@ class SequenceParallelBooks:
         batch.add(request, num_tokens)
         return True
 
-    def sp_prefill_plan(self, request_id: str) -> SpPrefillPlan | None:
+    def sp_prefill_plan(self, request_id: str) -> SpPrefillSchedule | None:
         """The SP prefill plan of a request still prefilling over a group, else None."""
         return self._sp_prefills.get(request_id)
 
@@ -196,9 +197,9 @@ class SequenceParallelBooks:
                     self.kv_cache_manager.block_size)
             # the last computing rank holds the last token: it samples the first
             scheduled.leader = max(r for r, n in enumerate(lens) if n)
-            scheduled.sp_attention = plan.sp_attention
-            scheduled.csa_levels = plan.csa_levels
-            scheduled.csa_micro_batch = plan.csa_micro_batch
+            group_size = sum(1 for n in lens if n)
+            scheduled.sp_attention = (plan.sp_attention or self.sp_attention).for_group(
+                group_size)
         elif len(placement.ranks) == 1:  # all on the leader: a plain block table there
             scheduled.block_ids = [b for r in placement.ranges for b in r.block_ids]
 

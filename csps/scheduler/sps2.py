@@ -31,17 +31,16 @@ if TYPE_CHECKING:
 class Sps2Policy:
     """CSPS on an SP group (needs a DistributedKVCacheManager).
 
-    Lock-step (`schedule`): iterations are either prefill or decode, never both (algorithms.md §2.4). A prefill
-    iteration runs the in-flight chunks of short prompts (each on the rank it was placed on,
-    under the token budget) plus newly admitted short prompts; or, when none is in flight and
-    the waiting head has at least `long_prompt_threshold` tokens (or more than one rank's KV
-    pool holds), that one prompt prefilled whole over the SP group. A decode iteration runs one
-    token of every decoding request; for a request whose KV spans ranks the query moves to
-    the KV. While both kinds have work they
-    alternate, so a decode waits at most one prefill iteration (one SP prefill or one budget of
-    chunks) and TBT stays flat while long prompts arrive. With `hybrid_batching` the chunks ride
-    in the decode iterations instead (Sarathi-Serve's rule), kept for comparison; an SP prefill
-    still runs alone.
+    Lock-step (`schedule`): iterations are either prefill or decode, never both
+    (algorithms.md §2.4). A prefill iteration runs the in-flight chunks of short prompts (each
+    on the rank it was placed on, under the token budget) plus newly admitted short prompts;
+    or, when none is in flight and the waiting head has at least `long_prompt_threshold`
+    tokens (or more than one rank's KV pool holds), that one prompt prefilled whole over the
+    SP group. A decode iteration runs one token of every decoding request; for a request whose
+    KV spans ranks the query moves to the KV. While both kinds have work they alternate, so a
+    decode waits at most one prefill iteration (one SP prefill or one budget of chunks). With
+    `hybrid_batching` the chunks ride in the decode iterations instead (Sarathi-Serve's rule),
+    kept for comparison; an SP prefill still runs alone.
     """
 
     name = "sps2"

@@ -15,9 +15,8 @@ from csps.config import EngineConfig
 from csps.costmodel.hardware import GIB, ClusterSpec
 from csps.costmodel.shape import ModelShape
 from csps.kvcache.capacity import plan_num_blocks
-from csps.kvcache.kv_cache_manager import KVCacheManager
-from csps.kvcache.placement import DistributedKVCacheManager
 from csps.scheduler import Scheduler
+from csps.scheduler.deployment import build_scheduler
 
 
 @dataclass(frozen=True)
@@ -70,15 +69,9 @@ def plan_memory(config: EngineConfig, shape: ModelShape, kv_budget_bytes: int,
 
 def build_schedulers(config: EngineConfig, plan: MemoryPlan, num_replicas: int = 1,
                      **scheduler_kwargs) -> list[Scheduler]:
-    """One Scheduler per replica on fresh KV pools (extra keywords go to Scheduler)."""
+    """One Scheduler per replica on fresh KV pools, assembled as the engine assembles its one
+    (scheduler/deployment.py; keywords: predictor, allowed_sp_degrees)."""
     if num_replicas < 1:
         raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
-    sp, block_size = config.parallel.sequence_parallel_size, config.cache.block_size
-
-    def manager():
-        if sp > 1:
-            return DistributedKVCacheManager(sp, plan.num_blocks, block_size)
-        return KVCacheManager(plan.num_blocks, block_size)
-
-    return [Scheduler(config.scheduler, manager(), plan.max_model_len, **scheduler_kwargs)
+    return [build_scheduler(config, plan.num_blocks, plan.max_model_len, **scheduler_kwargs)
             for _ in range(num_replicas)]
