@@ -182,7 +182,7 @@ def test_sliced_time_sums_every_slice_priced_with_its_prefix():
 
 def test_slo_tbt_without_a_cost_model_is_refused():
     from csps.config import SchedulerConfig
-    from csps.scheduler.policy import make_policy
+    from csps.scheduler.policies import make_policy
 
     with pytest.raises(ValueError, match="slo-tbt needs a cost model"):
         make_policy(SchedulerConfig(policy="sps2", slo_tbt=0.1), predictor=None)

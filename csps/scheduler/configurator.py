@@ -39,8 +39,8 @@ from csps.scheduler.sp_books import SpPrefillSchedule, slice_prompt
 
 if TYPE_CHECKING:
     from csps.request import Request
+    from csps.scheduler.books import SchedulerBooks
     from csps.scheduler.predictor import StepPredictor
-    from csps.scheduler.scheduler import Scheduler
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class Sps2Configurator:
             "" if c.strip().lower() == "none" else c.strip()
             for c in micro_batch_candidates.split(";") if c.strip()]
 
-    def choose(self, scheduler: Scheduler, request: Request) -> SpChoice | None:
+    def choose(self, scheduler: SchedulerBooks, request: Request) -> SpChoice | None:
         """The least-TTFT candidate whose KV fits now; None when none fits."""
         sp_size = scheduler.sp_size
         degrees = self.allowed_degrees or range(1, sp_size + 1)
@@ -87,7 +87,7 @@ class Sps2Configurator:
             choices = within or [min(choices, key=lambda c: c.step_s)]
         return min(choices, key=lambda c: c.ttft_s, default=None)  # ties: the first
 
-    def _candidates(self, scheduler: Scheduler, request: Request, degree: int,
+    def _candidates(self, scheduler: SchedulerBooks, request: Request, degree: int,
                     decode_s: float, free: list[int], queue_s: float | None) -> list[SpChoice]:
         """free: each rank's free blocks now (the pools do not change while choosing)."""
         block_size, n = scheduler.kv_cache_manager.block_size, request.num_tokens
@@ -155,7 +155,7 @@ class Sps2Configurator:
         batches = self.micro_batch_candidates or [None]
         return list(dict.fromkeys(base.with_csa(lv, mb) for lv in levels for mb in batches))
 
-    def _local_ttft(self, scheduler: Scheduler, rank: int, n: int,
+    def _local_ttft(self, scheduler: SchedulerBooks, rank: int, n: int,
                     decode_s: float) -> tuple[float, float]:
         """(TTFT, the longest step: a chunk with a decode step) of the local chunked path."""
         budget, total, cached, longest = scheduler.token_budget, 0.0, 0, 0.0
@@ -168,7 +168,7 @@ class Sps2Configurator:
             total += decode_s if cached < n else 0.0
         return total, longest
 
-    def _sp_queue(self, scheduler: Scheduler, decode_s: float) -> float:
+    def _sp_queue(self, scheduler: SchedulerBooks, decode_s: float) -> float:
         remaining = sum(r.num_tokens - r.num_computed_tokens for r in scheduler.running
                         if r.is_prefill)
         iterations = -(-remaining // scheduler.token_budget)
@@ -177,7 +177,7 @@ class Sps2Configurator:
         chunk = [(0, min(remaining, scheduler.token_budget), 0)]
         return iterations * (self.predictor.local_prefill_time(chunk) + decode_s)
 
-    def _decode_time(self, scheduler: Scheduler) -> float:
+    def _decode_time(self, scheduler: SchedulerBooks) -> float:
         """One decode iteration of the running decodes (0 if none), each on its leader."""
         decodes = [(scheduler.leader_of(r.request_id), r.num_tokens) for r in scheduler.running
                    if not r.is_prefill]

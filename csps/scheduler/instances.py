@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from csps.request import Request
     from csps.scheduler.batch import BatchBuilder
-    from csps.scheduler.scheduler import Scheduler
+    from csps.scheduler.books import SchedulerBooks
 
 
 def hull(ranks: Iterable[int]) -> tuple[int, ...]:
@@ -47,13 +47,13 @@ class InstanceView:
     bound inside them that no step is running, the shared waiting queue, and admission, decode
     and preemption confined to those instances."""
 
-    def __init__(self, scheduler: Scheduler, instances: tuple[int, ...]) -> None:
+    def __init__(self, scheduler: SchedulerBooks, instances: tuple[int, ...]) -> None:
         self.scheduler = scheduler
         self.instances = instances
         inside = set(instances)
         self.running: list[Request] = [
             r for r in scheduler.running
-            if r.request_id not in scheduler.in_flight_ids
+            if not scheduler.is_in_flight(r.request_id)
             and set(scheduler.span_of(r.request_id)) <= inside]
 
     @property
@@ -73,7 +73,7 @@ class InstanceView:
         while not scheduler.kv_cache_manager.allocate_slots(request.request_id,
                                                             request.num_tokens):
             victim = self.running.pop()
-            scheduler._preempt(victim, batch)
+            scheduler.preempt(victim, batch)
             if victim is request:
                 return False
         batch.add(request, 1)
@@ -91,8 +91,7 @@ class InstanceView:
     def reserve(self, group: Sequence[int]) -> None:
         """Keep `group`'s instances from new steps until all are free, for the waiting head
         (a long prompt) whose SP group it is."""
-        self.scheduler.reserved = tuple(group)
-        self.scheduler._reserved_for = self.scheduler.waiting[0].request_id
+        self.scheduler.reserve(group)
 
     def admit_sequence_parallel(self, request: Request, batch: BatchBuilder, plan, chunk: int
                                 ) -> bool:
@@ -102,7 +101,6 @@ class InstanceView:
         chunk = chunk or request.num_tokens  # 0: the whole prompt in one slice
         if not scheduler.admit_sequence_parallel(request, batch, plan, alone=False, chunk=chunk):
             return False
-        if scheduler._reserved_for == request.request_id:
-            scheduler.reserved = scheduler._reserved_for = None
+        scheduler.release_reservation(request.request_id)
         self.running.append(request)
         return True

@@ -38,8 +38,8 @@ from csps.scheduler.sp_books import SpPrefillSchedule
 if TYPE_CHECKING:
     from csps.request import Request
     from csps.scheduler.batch import BatchBuilder
+    from csps.scheduler.books import SchedulerBooks
     from csps.scheduler.predictor import StepPredictor
-    from csps.scheduler.scheduler import Scheduler
 
 
 class LoongServePolicy(LoongServeAdmission):
@@ -76,7 +76,7 @@ class LoongServePolicy(LoongServeAdmission):
                     samples.append(([n], self.predictor.sp_prefill_time(lens)))
             self.fits[m] = fit_prefill_cost(samples)
 
-    def schedule(self, scheduler: Scheduler, batch: BatchBuilder) -> None:
+    def schedule(self, scheduler: SchedulerBooks, batch: BatchBuilder) -> None:
         if self.fits is None:
             self.fit(scheduler.sp_size, scheduler.max_model_len,
                      scheduler.kv_cache_manager.block_size)
@@ -94,7 +94,7 @@ class LoongServePolicy(LoongServeAdmission):
         self._start(scheduler, batch, where)
 
     # ---- carrying out the plan --------------------------------------------------------------
-    def _placements(self, scheduler: Scheduler, plan: PrefillPlan | None,
+    def _placements(self, scheduler: SchedulerBooks, plan: PrefillPlan | None,
                     admitted: list[Request]) -> dict[str, PrefillGroup]:
         """request id -> its group. When an SP prefill must run alone, only the waiting head's
         SP group (just the head) or else only the local groups."""
@@ -109,7 +109,7 @@ class LoongServePolicy(LoongServeAdmission):
             return {rid: g for rid, g in where.items() if len(g.ranks) == 1}
         return where
 
-    def _start(self, scheduler: Scheduler, batch: BatchBuilder,
+    def _start(self, scheduler: SchedulerBooks, batch: BatchBuilder,
                where: dict[str, PrefillGroup]) -> None:
         """Admit the planned requests in FCFS order (each is then the waiting head)."""
         while scheduler.waiting and scheduler.waiting[0].request_id in where:
@@ -125,7 +125,7 @@ class LoongServePolicy(LoongServeAdmission):
             if not ok:
                 return
 
-    def scale_down_plan(self, scheduler: Scheduler, request: Request,
+    def scale_down_plan(self, scheduler: SchedulerBooks, request: Request,
                         group: Sequence[int]) -> SpPrefillSchedule:
         """Chunks computed over the group in rank order; KV kept on the fewest group ranks, most
         free first, whose free blocks hold the prompt plus headroom, each filled in turn; every
@@ -152,7 +152,7 @@ class LoongServePolicy(LoongServeAdmission):
         return SpPrefillSchedule(tuple(chunk_lens), tuple(kv_lens) + (0,) * len(others),
                              tuple(kept + others))
 
-    def rebalance_masters(self, scheduler: Scheduler, decodes: list[Request]) -> None:
+    def rebalance_masters(self, scheduler: SchedulerBooks, decodes: list[Request]) -> None:
         """Compute pressure: while one rank leads 2+ more decodes than another, hand the
         newest of its decodes that holds KV on the least busy rank to that rank."""
         counts = dict.fromkeys(range(scheduler.sp_size), 0)

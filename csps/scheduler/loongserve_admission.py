@@ -13,14 +13,14 @@ from csps.scheduler.loongserve_batching import PrefillPlan, plan_prefill
 
 if TYPE_CHECKING:
     from csps.request import Request
-    from csps.scheduler.scheduler import Scheduler
+    from csps.scheduler.books import SchedulerBooks
 
 
 class LoongServeAdmission:
     """Needs the policy's predictor, fits, max_new_per_iteration, max_sp_batch and
     decode_headroom."""
 
-    def admit(self, scheduler: Scheduler, decodes: list[Request]) -> list[Request]:
+    def admit(self, scheduler: SchedulerBooks, decodes: list[Request]) -> list[Request]:
         """The FCFS prefix of the waiting queue this iteration prefills (LoongServe's test)."""
         manager, budget = scheduler.kv_cache_manager, scheduler.token_budget
         free = manager.total_free_tokens()
@@ -50,7 +50,7 @@ class LoongServeAdmission:
             admitted.append(request)
         return admitted
 
-    def plan(self, scheduler: Scheduler, admitted: list[Request],
+    def plan(self, scheduler: SchedulerBooks, admitted: list[Request],
              decodes: list[Request]) -> tuple[PrefillPlan | None, set[int]]:
         """The batching plan and the decode ranks it borrows (instance-borrowing test)."""
         order = self.rank_order(scheduler, decodes)
@@ -71,7 +71,7 @@ class LoongServeAdmission:
         idle = set(self.idle_ranks(scheduler, decodes))
         return plan, used - idle
 
-    def expected_wait(self, scheduler: Scheduler, decodes: list[Request]) -> float:
+    def expected_wait(self, scheduler: SchedulerBooks, decodes: list[Request]) -> float:
         """Seconds until the decodes free their ranks: their mean remaining max_tokens steps
         times one predicted decode iteration (0 without decodes)."""
         if not decodes:
@@ -81,7 +81,7 @@ class LoongServeAdmission:
                                              for r in decodes])
         return steps / len(decodes) * step_s
 
-    def idle_ranks(self, scheduler: Scheduler, decodes: list[Request]) -> list[int]:
+    def idle_ranks(self, scheduler: SchedulerBooks, decodes: list[Request]) -> list[int]:
         """Ranks no decode uses (holds KV or leads), most free first."""
         busy = set()
         for request in decodes:
@@ -90,7 +90,7 @@ class LoongServeAdmission:
         return sorted((r for r in range(scheduler.sp_size) if r not in busy),
                       key=lambda r: (-pools[r].num_free_blocks, r))
 
-    def rank_order(self, scheduler: Scheduler, decodes: list[Request]) -> list[int]:
+    def rank_order(self, scheduler: SchedulerBooks, decodes: list[Request]) -> list[int]:
         """Idle ranks (most free first), then decode ranks, cheapest to pause first."""
         idle = self.idle_ranks(scheduler, decodes)
         weight = dict.fromkeys(range(scheduler.sp_size), 0.0)
@@ -102,14 +102,14 @@ class LoongServeAdmission:
                       key=lambda r: (weight[r], -pools[r].num_free_blocks, r))
         return idle + busy
 
-    def need(self, scheduler: Scheduler, request: Request) -> int:
+    def need(self, scheduler: SchedulerBooks, request: Request) -> int:
         """KV tokens a request must find free: its prompt in blocks plus decode headroom
         (none for a request alone on an idle engine, so one that fits is never refused)."""
         block = scheduler.kv_cache_manager.block_size
         headroom = 0 if not scheduler.running else min(request.max_tokens, self.decode_headroom)
         return cdiv(request.num_tokens + headroom, block) * block
 
-    def _plans(self, scheduler: Scheduler, requests: list[Request],
+    def _plans(self, scheduler: SchedulerBooks, requests: list[Request],
                order: list[int]) -> list[PrefillPlan | None]:
         ordered = sorted_by_length(requests)
         pools, block = scheduler.kv_cache_manager.pools, scheduler.kv_cache_manager.block_size
@@ -118,11 +118,11 @@ class LoongServeAdmission:
                             lambda rank: pools[rank].num_free_blocks * block, self.fits,
                             self.max_sp_batch)
 
-    def _ranks_of(self, scheduler: Scheduler, request: Request) -> set[int]:
+    def _ranks_of(self, scheduler: SchedulerBooks, request: Request) -> set[int]:
         placement = scheduler.kv_cache_manager.placement(request.request_id)
         return set(placement.ranks) | {scheduler.leader_of(request.request_id)}
 
-    def _touches(self, scheduler: Scheduler, request: Request, ranks) -> bool:
+    def _touches(self, scheduler: SchedulerBooks, request: Request, ranks) -> bool:
         return bool(ranks) and bool(self._ranks_of(scheduler, request) & set(ranks))
 
 

@@ -16,7 +16,7 @@ from csps.kvcache.placement import DistributedKVCacheManager
 from csps.request import Request, RequestStatus
 from csps.scheduler.batch import BatchBuilder
 from csps.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
-from csps.scheduler.policy import make_policy
+from csps.scheduler.policies import make_policy
 from csps.scheduler.sp_books import SequenceParallelBooks, SpPrefillSchedule
 from csps.scheduler.step_books import StepBooks
 
@@ -123,7 +123,7 @@ class Scheduler(SequenceParallelBooks, StepBooks):
             return False
         while not self.kv_cache_manager.allocate_slots(request.request_id, request.num_tokens):
             victim = self.running[-1]
-            self._preempt(victim, batch)
+            self.preempt(victim, batch)
             if victim is request:
                 return False
         batch.add(request, 1)
@@ -149,7 +149,7 @@ class Scheduler(SequenceParallelBooks, StepBooks):
         request.status = RequestStatus.RUNNING
         return self.schedule_prefill(request, batch, chunked)
 
-    def _preempt(self, request: Request, batch: BatchBuilder) -> None:
+    def preempt(self, request: Request, batch: BatchBuilder) -> None:
         """Preempt by recompute: free the KV and requeue at the front of the waiting queue."""
         self.running.remove(request)
         batch.remove(request)

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from csps.request import Request
     from csps.scheduler.batch import BatchBuilder
+    from csps.scheduler.books import SchedulerBooks
     from csps.scheduler.configurator import Sps2Configurator
     from csps.scheduler.instances import InstanceView
-    from csps.scheduler.scheduler import Scheduler
 
 
 class Sps2Policy:
@@ -56,7 +56,7 @@ class Sps2Policy:
         self.configurator = configurator  # None: a long prompt prefills over the whole group
         self._last_was_prefill = False
 
-    def schedule(self, scheduler: Scheduler, batch: BatchBuilder) -> None:
+    def schedule(self, scheduler: SchedulerBooks, batch: BatchBuilder) -> None:
         if self.hybrid_batching:  # Sarathi-style: decodes, then chunks in the same iteration
             if scheduler.waiting and self._goes_sp(scheduler, scheduler.waiting[0]) and not any(
                     r.is_prefill for r in scheduler.running):
@@ -72,13 +72,13 @@ class Sps2Policy:
         if batch.is_empty:
             self._schedule_decodes(scheduler, batch)
 
-    def _schedule_decodes(self, scheduler: Scheduler, batch: BatchBuilder) -> None:
+    def _schedule_decodes(self, scheduler: SchedulerBooks, batch: BatchBuilder) -> None:
         for request in list(scheduler.running):
             if (request in scheduler.running and not request.is_prefill
                     and not scheduler.schedule_decode(request, batch)):
                 break
 
-    def _schedule_prefills(self, scheduler: Scheduler, batch: BatchBuilder) -> None:
+    def _schedule_prefills(self, scheduler: SchedulerBooks, batch: BatchBuilder) -> None:
         for request in scheduler.running:
             if request.is_prefill and batch.token_budget > 0:
                 scheduler.schedule_prefill(request, batch, chunked=True)
@@ -94,7 +94,7 @@ class Sps2Policy:
             elif not scheduler.admit_local(head, batch):
                 break
 
-    def _admit_configured(self, scheduler: Scheduler, request: Request,
+    def _admit_configured(self, scheduler: SchedulerBooks, request: Request,
                           batch: BatchBuilder) -> bool:
         """A long prompt as the configurator says: an SP prefill over its chosen group (alone
         in an empty iteration), or the local chunked path on its chosen rank."""
@@ -107,7 +107,7 @@ class Sps2Policy:
             scheduler.admit_sequence_parallel(request, batch, choice.plan)
         return False  # an SP prefill ends the iteration's admissions
 
-    def _goes_sp(self, scheduler: Scheduler, request: Request) -> bool:
+    def _goes_sp(self, scheduler: SchedulerBooks, request: Request) -> bool:
         """Long enough for an SP prefill. NOTE: a prompt one rank cannot hold goes SP whatever
         the threshold."""
         threshold = min(self.long_prompt_threshold, scheduler.rank_capacity_tokens + 1)
@@ -134,7 +134,7 @@ class Sps2Policy:
             if self._goes_sp(scheduler, head) or not view.admit_local(head, batch):
                 break  # a long head waits for its group (reserved): no overtaking
 
-    def head_group(self, scheduler: Scheduler) -> tuple[int, ...] | None:
+    def head_group(self, scheduler: SchedulerBooks) -> tuple[int, ...] | None:
         """The instances the waiting head needs together, if it is a long prompt."""
         if not scheduler.can_run_more or not self._goes_sp(scheduler, scheduler.waiting[0]):
             return None

@@ -42,6 +42,20 @@ class StepBooks:
     def steps_in_flight(self) -> list[Step]:
         return list(self._steps.values())
 
+    def is_in_flight(self, request_id: str) -> bool:
+        """True while a step that holds the request has not ended."""
+        return request_id in self.in_flight_ids
+
+    def reserve(self, group) -> None:
+        """Keep `group`'s instances from new steps until all are free, for the waiting head
+        (a long prompt) whose SP group it is."""
+        self.reserved, self._reserved_for = tuple(group), self.waiting[0].request_id
+
+    def release_reservation(self, request_id: str) -> None:
+        """The request reserved for is admitted (or gone): its group is free again."""
+        if self._reserved_for == request_id:
+            self.reserved = self._reserved_for = None
+
     def span_of(self, request_id: str) -> tuple[int, ...]:
         """The contiguous instances a placed request's work touches (all of them unplaced)."""
         if not self.is_distributed:
