@@ -45,6 +45,7 @@ SERVERS = {
     "sps2-csa-lockstep": [*_SPS2, "--sp-attention", "csa", "--lockstep"],
     "sps2-csa-c256": [*_SPS2, "--sp-attention", "csa", "--sp-prefill-chunk", "256"],
     "sps2-csa-c1024": [*_SPS2, "--sp-attention", "csa", "--sp-prefill-chunk", "1024"],
+    "sps2-csa-c2048": [*_SPS2, "--sp-attention", "csa", "--sp-prefill-chunk", "2048"],
     "sps2-csa-slo1": [*_SPS2, "--sp-attention", "csa", "--slo-tbt", "1.0"],
 }
 FIGURES = ("avg TTFT", "TBT (mean ITL)", "response time", "prefill throughput",
