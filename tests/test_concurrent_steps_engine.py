@@ -5,13 +5,15 @@ The sps2 configurator (a fitted cost model of the tiny Llama, `--sp-prefill-degr
 the long prompt a group of 2 of the 4 instances; the two short requests, admitted first, were
 placed on an instance outside it. Checked: the long prompt ran in several SP slices on that
 group; while its slices were in flight (between its first and last slice) steps on instances
-outside the group ran the short requests' decodes; and every request's greedy tokens equal a
-single-process engine's on the same weights.
+outside the group ran the short requests' decodes, and (measured timestamps) their largest
+token gap stayed under a quarter of the prefill's duration; and every request's greedy tokens
+equal a single-process engine's on the same weights.
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 
@@ -42,7 +44,9 @@ def model_dir(tiny_model_dir, tmp_path_factory):
     return folder
 
 
-def _serve(model_dir, sp: int, policy: str, **scheduler) -> tuple[dict, list]:
+def _serve(model_dir, sp: int, policy: str, **scheduler) -> tuple[dict, list, dict]:
+    """Greedy tokens per request, the steps scheduled (with the time each was scheduled) and
+    each request's token arrival times (time.monotonic(), as the engine returns them)."""
     from csps.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(
@@ -56,28 +60,32 @@ def _serve(model_dir, sp: int, policy: str, **scheduler) -> tuple[dict, list]:
 
     def recording():
         new = schedule_steps()
-        steps.extend(new)
+        steps.extend((time.monotonic(), step) for step in new)
         return new
     engine.scheduler.schedule_steps = recording
     try:
         tokens: dict[str, list[int]] = {}
+        times: dict[str, list[float]] = {f"r{i}": [] for i in range(len(PROMPT_LENS))}
         for i, (n, m) in enumerate(zip(PROMPT_LENS, MAX_TOKENS, strict=True)):
             engine.add_request(f"r{i}", None, [3 + (11 * i + j) % 250 for j in range(n)],
                                SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True))
         while engine.has_unfinished_requests():
             for out in engine.step()[0]:
                 tokens[out.request_id] = list(out.outputs[0].token_ids)
-        return tokens, steps
+                times[out.request_id].append(time.monotonic())
+        return tokens, steps, times
     finally:
         engine.shutdown()
 
 
 def test_decodes_outside_a_prefill_group_keep_running(model_dir):
-    reference, _ = _serve(model_dir, 1, "sarathi")
-    tokens, steps = _serve(model_dir, 4, "sps2", lockstep=False, sp_prefill_chunk=16,
-                           cost_model=str(model_dir / "cost.json"), sp_prefill_degrees="2")
+    reference, _, _ = _serve(model_dir, 1, "sarathi")
+    tokens, timed_steps, times = _serve(
+        model_dir, 4, "sps2", lockstep=False, sp_prefill_chunk=16,
+        cost_model=str(model_dir / "cost.json"), sp_prefill_degrees="2")
     assert tokens == reference
     assert [len(tokens[f"r{i}"]) for i in range(3)] == list(MAX_TOKENS)
+    steps = [step for _, step in timed_steps]
     slices = [i for i, s in enumerate(steps) for r in s.scheduler_output.scheduled_requests
               if r.request_id == "r2" and r.is_sp_prefill]
     assert len(slices) == 256 // (2 * 16)  # slices of 16 tokens per rank over 2 ranks
@@ -87,3 +95,13 @@ def test_decodes_outside_a_prefill_group_keep_running(model_dir):
                and any(r.is_decode for r in s.scheduler_output.scheduled_requests)]
     decoded = {r.request_id for s in outside for r in s.scheduler_output.scheduled_requests}
     assert len(outside) >= len(slices) and decoded == {"r0", "r1"}
+    # Measured: from its first slice's scheduling to its first token the long prompt
+    # prefills; meanwhile the short requests' tokens keep coming. Margin: their largest gap
+    # stays under a quarter of the prefill's duration (a lock-step engine's gap would be at
+    # least one whole slice, and with whole-prompt SP prefill the whole duration).
+    start, end = timed_steps[slices[0]][0], times["r2"][0]
+    for rid in ("r0", "r1"):
+        during = [t for t in times[rid] if start <= t <= end]
+        assert len(during) >= 4, (rid, len(during))
+        gaps = [b - a for a, b in zip([start, *during], [*during, end], strict=True)]
+        assert max(gaps) < (end - start) / 4, (rid, max(gaps), end - start)

@@ -3,47 +3,51 @@
     torchrun --nproc-per-node=N -m csps.server MODEL -sp P -tp T   (N ranks per node, P*T in all)
 
 Every rank runs `csps serve`. Global rank 0 builds the engine and the HTTP server and drives the
-world through a TorchrunExecutor, which holds rank 0's own Worker in-process; every other rank
-runs run_torchrun_worker: it receives the worker kwargs rank 0 computed (so only rank 0 plans
-the KV cache), builds its Worker, then runs each call rank 0 broadcasts and sends the result
-back (parallel/control.py), until a stop message. A rank whose call raises posts its error to
-the rendezvous store and exits, which breaks its connections: rank 0's pending collective
-raises and becomes a WorkerError; every later call raises it at once. torchrun's agent then
-stops the remaining ranks.
+world through a TorchrunExecutor, which holds rank 0's own Worker in-process (run in a thread,
+so that the engine goes on while it computes); every other rank runs run_torchrun_worker
+(torchrun_worker.py): it receives the worker kwargs rank 0 broadcasts (so only rank 0 plans
+the KV cache), builds its Worker, then runs each call rank 0 posts to it and posts the result
+back (parallel/mailbox.py), until a stop message. A step goes only to its instances' ranks, so
+steps on disjoint ranks run at once, as with spawned workers. A rank whose call raises posts
+its error to the rendezvous store and exits; rank 0, polling for replies, sees it and raises a
+WorkerError; every later call raises it at once. torchrun's agent then stops the remaining
+ranks.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-import sys
 import threading
-import traceback
-from pathlib import Path
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NoReturn
 
-import torch
-
-from csps.config import EngineConfig
 from csps.engine.errors import WorkerError
+from csps.engine.step_runs import StepRuns
+from csps.engine.torchrun_worker import (  # noqa: F401 - run_torchrun_worker: the cli's
+    DEAD_AFTER_S,
+    REPLY_TIMEOUT_S,
+    join_world,
+    run_call,
+    run_torchrun_worker,
+)
 from csps.engine.worker import Worker
 from csps.engine.worker_proc import STOP, WORKER_METHODS, error_payload
 from csps.parallel.comm import CommStats
 from csps.parallel.control import (
     broadcast_object,
     gather_objects,
-    new_control_group,
     post_error,
     posted_errors,
 )
-from csps.parallel.groups import destroy_parallel_groups, init_parallel_groups
+from csps.parallel.groups import destroy_parallel_groups
+from csps.parallel.mailbox import Mailbox
 from csps.scheduler.output import RunnerOutput, SchedulerOutput, Step
 
 logger = logging.getLogger(__name__)
 
-IDLE_TIMEOUT_S = 365 * 86400.0  # the ranks wait for rank 0's next call while the server idles
-REPLY_TIMEOUT_S = 600.0  # a rank alive but silent this long after a call (or model load) fails
+POLL_S = 0.0005  # between looks for replies while steps are in flight
 
 
 def launched_by_torchrun() -> bool:
@@ -55,19 +59,6 @@ def launched_by_torchrun() -> bool:
 
 def torchrun_rank() -> int:
     return int(os.environ.get("RANK", "0"))
-
-
-def join_world(sp_size: int, tp_size: int):
-    """Join torchrun's world: (ParallelGroups, call group, reply group). ValueError when
-    WORLD_SIZE is not sp_size * tp_size. Collective: every rank calls it the same way."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size != sp_size * tp_size:
-        raise ValueError(f"torchrun started {world_size} ranks (WORLD_SIZE) but -sp {sp_size} "
-                         f"x -tp {tp_size} needs {sp_size * tp_size}")
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
-    groups = init_parallel_groups(sp_size, tp_size)
-    return groups, new_control_group(IDLE_TIMEOUT_S), new_control_group(REPLY_TIMEOUT_S)
 
 
 class TorchrunExecutor:
@@ -83,7 +74,12 @@ class TorchrunExecutor:
         self.groups, self._calls, self._replies = join_world(sp_size, tp_size)
         self.world_size = self.groups.world_size
         self.worker: Worker | None = None
-        self._done: list[tuple[Step, RunnerOutput]] = []
+        self._mail: Mailbox | None = None  # set once every rank is ready
+        self._runs = StepRuns(self.world_size)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csps-rank0-worker")
+        self._local: Future | None = None  # rank 0's own share of the call or step in flight
+        self._control_booked = 0
+        self._beats: dict[int, tuple[int, float]] = {}  # rank -> (beat count, when it changed)
         try:
             broadcast_object(worker_kwargs, self._calls)
         except Exception as exc:
@@ -96,6 +92,7 @@ class TorchrunExecutor:
             if any(payload[0] == "ValueError" for payload in errors.values()):
                 raise ValueError("; ".join(p[1] for p in errors.values())) from exc
             self._fail(exc)
+        self._mail = Mailbox(self._stats)  # from now on: point-to-point calls (mailbox.py)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         """Each request is sampled by its leader's ranks: merge what every rank returns."""
@@ -106,37 +103,112 @@ class TorchrunExecutor:
         return merged
 
     def submit(self, step: Step) -> None:
-        """Run a step now: every rank takes the broadcast, those outside its instances answer
-        an empty output. NOTE: one step at a time (the control messages are broadcasts to
-        every rank); the spawned-worker executor runs steps on disjoint instances at once."""
-        before = self._stats.bytes_sent["control"]
-        merged = RunnerOutput.merge(self.call("execute_step", step))
-        control = self._stats.bytes_sent["control"] - before
-        merged.comm_bytes["control"] = merged.comm_bytes.get("control", 0) + control
-        self._done.append((step, merged))
+        """Start a step on its instances' ranks and return: rank 0's own worker runs its share
+        in a thread, the others get the step in their mail. Steps on disjoint ranks overlap."""
+        self.check_health()
+        tp = self.groups.tp_size
+        ranks = [s * tp + t for s in step.instances for t in range(tp)]
+        self._runs.start(step, ranks)
+        for rank in ranks:
+            if rank == 0:
+                self._local = self._pool.submit(run_call, self.worker, self.groups,
+                                                "execute_step", (step,))
+            else:
+                self._mail.post_call(rank, ("execute_step", (step,)))
 
     def wait_steps(self, timeout_s: float | None = None) -> list[tuple[Step, RunnerOutput]]:
-        done, self._done = self._done, []
+        """Block until at least one step in flight has finished on all its ranks; every step
+        finished by then, merged (the control bytes since the last wait go to the first)."""
+        done: list[tuple[Step, RunnerOutput]] = []
+        while self._runs.in_flight and not done:
+            for rank, result in self._replies_in(self._runs.busy_ranks, timeout_s):
+                done += self._runs.finish(rank, result)
+        if done:
+            control = self._stats.bytes_sent["control"] - self._control_booked
+            self._control_booked += control
+            out = done[0][1]
+            out.comm_bytes["control"] = out.comm_bytes.get("control", 0) + control
         return done
 
     def call(self, method: str, *args: Any) -> list[Any]:
-        """Run worker.method(*args) on every rank; the results in rank order."""
+        """Run worker.method(*args) on every rank; the results in rank order. Not while steps
+        are in flight (every rank takes part)."""
         self.check_health()
         if method not in WORKER_METHODS:
             raise ValueError(f"{method!r} is not a remotely callable worker method "
                              f"(allowed: {sorted(WORKER_METHODS)})")
-        try:
-            broadcast_object((method, args), self._calls, self._stats)
-            result = run_call(self.worker, self.groups, method, args)
-            return gather_objects(result, self._replies, self._stats)
-        except Exception as exc:
-            self._fail(exc)
+        if self._runs.in_flight:
+            raise RuntimeError(f"call({method!r}) while steps are in flight")
+        for rank in range(1, self.world_size):
+            self._mail.post_call(rank, (method, args))
+        self._local = self._pool.submit(run_call, self.worker, self.groups, method, args)
+        results: dict[int, Any] = {}
+        while len(results) < self.world_size:
+            results.update(self._replies_in([r for r in range(self.world_size)
+                                             if r not in results], None))
+        return [results[r] for r in range(self.world_size)]
+
+    def _replies_in(self, ranks: list[int], timeout_s: float | None) -> list[tuple[int, Any]]:
+        """The replies of `ranks` that arrive first (polling: rank 0's thread and the mail);
+        raises WorkerError when a rank posted an error or none answers within timeout_s."""
+        limit_s = REPLY_TIMEOUT_S if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit_s
+        next_error_check = 0.0
+        while True:
+            got = []
+            for rank in ranks:
+                if rank == 0:
+                    if self._local is not None and self._local.done():
+                        future, self._local = self._local, None
+                        try:
+                            got.append((0, future.result()))
+                        except Exception as exc:  # noqa: BLE001 - rank 0's own worker
+                            post_error(error_payload(exc))
+                            self._fail(exc)
+                else:
+                    arrived, reply = self._mail.poll_reply(rank)
+                    if arrived:
+                        got.append((rank, reply))
+            if got:
+                return got
+            now = time.monotonic()
+            if now >= next_error_check:
+                if posted_errors():
+                    self._fail(RuntimeError("a rank failed"))
+                # NOTE: every rank, not only those in flight: one dead rank breaks the world
+                silent = self._silent_ranks(list(range(1, self.world_size)), now)
+                if silent:
+                    self._fail(RuntimeError(f"worker ranks {silent} died (no heartbeat for "
+                                            f"{DEAD_AFTER_S:g} s)"))
+                next_error_check = now + 0.2
+            if now > deadline:
+                self._fail(TimeoutError(f"ranks {ranks} did not answer within {limit_s:g} s"))
+            time.sleep(POLL_S)
+
+    def _silent_ranks(self, ranks: list[int], now: float) -> list[int]:
+        """Ranks whose heartbeat has not advanced for DEAD_AFTER_S (killed, or the host gone)."""
+        silent = []
+        for rank in ranks:
+            count = self._mail.beats(rank)
+            seen, since = self._beats.get(rank, (-1, now))
+            if count != seen:
+                self._beats[rank] = (count, now)
+            elif now - since > DEAD_AFTER_S:
+                silent.append(rank)
+        return silent
 
     def check_health(self) -> None:
+        """Raise WorkerError if the world failed; also looks for ranks that stopped beating
+        (so /health notices a killed rank while idle)."""
         failure = self._failure
         if failure is not None:
             raise WorkerError(f"the workers are stopped: {failure}", rank=failure.rank,
                               remote_traceback=failure.remote_traceback)
+        if self._mail is not None:
+            silent = self._silent_ranks(list(range(1, self.world_size)), time.monotonic())
+            if silent:
+                self._fail(RuntimeError(f"worker ranks {silent} died (no heartbeat for "
+                                        f"{DEAD_AFTER_S:g} s)"))
 
     def shutdown(self) -> None:
         with self._lock:
@@ -144,7 +216,9 @@ class TorchrunExecutor:
                 return
             self._failure = WorkerError("the executor was shut down", rank=0)
         try:
-            broadcast_object((STOP, ()), self._calls)
+            for rank in range(1, self.world_size):
+                self._mail.post_call(rank, (STOP, ()))
+            self._pool.shutdown(wait=False)
             destroy_parallel_groups()
         except Exception:  # noqa: BLE001 - shutdown never raises
             logger.warning("the torchrun workers did not all take the stop message")
@@ -161,48 +235,3 @@ class TorchrunExecutor:
         with self._lock:
             self._failure = self._failure or error
         raise error from exc
-
-
-def local_worker_kwargs(worker_kwargs: dict[str, Any], config: EngineConfig) -> dict[str, Any]:
-    """Rank 0's kwargs, with the model folder found on this node when rank 0's path is not."""
-    if not Path(worker_kwargs["model_dir"]).is_dir():
-        from csps.model.resolve import resolve_model
-
-        worker_kwargs = {**worker_kwargs, "model_dir": resolve_model(config.model.model)}
-    return worker_kwargs
-
-
-def run_call(worker: Worker, groups, method: str, args: tuple) -> Any:
-    """worker.method(*args); a step whose instances leave this rank out gets an empty output."""
-    if method == "execute_step" and groups.sp_rank not in args[0].instances:
-        return RunnerOutput()
-    return getattr(worker, method)(*args)
-
-
-def run_torchrun_worker(config: EngineConfig) -> int:
-    """A rank other than 0: serve rank 0's calls until it stops us (returns 0). On an error the
-    rank posts it, prints it and exits with status 1 at once: its peers may be stuck in a
-    collective with it, and only its exit breaks them out."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # NOTE: Ctrl-C is rank 0's (or torchrun's)
-    parallel = config.parallel
-    groups, calls, replies = join_world(parallel.sequence_parallel_size,
-                                        parallel.tensor_parallel_size)
-    try:
-        worker_kwargs = local_worker_kwargs(broadcast_object(None, calls), config)
-        worker = Worker(**worker_kwargs, groups=groups)
-        gather_objects("ready", replies)
-        logger.info("rank %d of %d ready", groups.rank, groups.world_size)
-        while True:
-            method, args = broadcast_object(None, calls)
-            if method == STOP:
-                break
-            if method not in WORKER_METHODS:
-                raise ValueError(f"worker method {method!r} is not callable remotely")
-            gather_objects(run_call(worker, groups, method, args), replies)
-    except Exception as exc:  # noqa: BLE001 - reported to rank 0, then this rank exits
-        post_error(error_payload(exc))
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)  # NOTE: not sys.exit: tearing the broken groups down could block
-    destroy_parallel_groups()
-    return 0
