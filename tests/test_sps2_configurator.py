@@ -165,12 +165,11 @@ def test_slo_tbt_picks_the_least_ttft_slice_whose_step_fits():
 def test_sliced_time_sums_every_slice_priced_with_its_prefix():
     """The closed form (first, last full and final slice) equals pricing each slice."""
     _, predictor = _slo_choice(None)
-    from csps.scheduler.configurator import Sps2Configurator
+    from csps.scheduler.slicing import sliced_time
     from csps.scheduler.sp_books import slice_prompt
 
     group, n, chunk, block = (0, 1), 200, 32, 4
-    total, longest = Sps2Configurator._sliced_time(n, group, chunk, block, 2,
-                                                   predictor.sp_prefill_time)
+    total, longest = sliced_time(n, group, chunk, block, 2, predictor.sp_prefill_time)
     slices, held, times = slice_prompt(n, list(group), 2, chunk, block), [0, 0], []
     for lens in slices:
         times.append(predictor.sp_prefill_time(list(lens),

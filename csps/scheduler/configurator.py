@@ -35,7 +35,8 @@ from csps.contract.csa_config import CsaConfig
 from csps.contract.sp_attention import SpAttention
 from csps.kvcache.kv_cache_manager import cdiv
 from csps.kvcache.placement import split_prompt
-from csps.scheduler.sp_books import SpPrefillSchedule, slice_prompt
+from csps.scheduler.slicing import chunk_candidates, sliced_time
+from csps.scheduler.sp_books import SpPrefillSchedule
 
 if TYPE_CHECKING:
     from csps.request import Request
@@ -107,42 +108,13 @@ class Sps2Configurator:
         choices = []
         for attention in self._attention_candidates(degree):
             plan = SpPrefillSchedule(tuple(chunk_lens), sp_attention=attention)
-            for chunk in self._chunk_candidates(n, degree, block_size):
-                prefill_s, step_s = self._sliced_time(
+            for chunk in chunk_candidates(n, degree, block_size, self.slo_tbt, self.chunk):
+                prefill_s, step_s = sliced_time(
                     n, group, chunk, block_size, scheduler.sp_size,
                     functools.partial(self.predictor.sp_prefill_time, sp_attention=attention))
                 choices.append(SpChoice(degree, group, queue_s + prefill_s, plan, chunk,
                                         step_s + decode_s))
         return choices
-
-    def _chunk_candidates(self, n: int, degree: int, block_size: int) -> list[int]:
-        """Slice sizes (tokens per rank) to try: the fixed chunk without an SLO; with one,
-        1, 2, 4, ... blocks per rank while a slice is shorter than the prompt, and 0 (whole)."""
-        if self.slo_tbt is None:
-            return [self.chunk]
-        chunks, blocks = [], 1
-        while blocks * block_size * degree < n:
-            chunks.append(blocks * block_size)
-            blocks *= 2
-        return [*chunks, 0]
-
-    @staticmethod
-    def _sliced_time(n: int, group: tuple[int, ...], chunk: int, block_size: int,
-                     sp_size: int, price) -> tuple[float, float]:
-        """(the SP prefill's seconds, its longest slice's) in slices of `chunk` per rank;
-        price(chunk_lens, prefix_lens=None) is one slice's time."""
-        slices = slice_prompt(n, list(group), sp_size, chunk, block_size) if chunk else None
-        if not slices or len(slices) == 1:
-            whole = slices[0] if slices else tuple(split_over(n, group, sp_size, block_size))
-            seconds = price(list(whole))
-            return seconds, seconds
-        per_rank = [sum(lens[r] for lens in slices[:-1]) for r in range(sp_size)]
-        full = len(slices) - 1  # slices 0 .. full-1 have the same shape
-        first = price(list(slices[0]))
-        before_last = [x - y for x, y in zip(per_rank, slices[0], strict=True)]
-        last_full = price(list(slices[0]), prefix_lens=before_last) if full > 1 else first
-        final = price(list(slices[-1]), prefix_lens=per_rank)
-        return full * (first + last_full) / 2 + final, max(last_full, final)
 
     def _attention_candidates(self, degree: int) -> list[SpAttention]:
         """The deployment's SP attention on a group of `degree`, and under CSA each candidate
@@ -182,14 +154,6 @@ class Sps2Configurator:
         decodes = [(scheduler.leader_of(r.request_id), r.num_tokens) for r in scheduler.running
                    if not r.is_prefill]
         return self.predictor.decode_time(decodes) if decodes else 0.0
-
-
-def split_over(n: int, group: tuple[int, ...], sp_size: int, block_size: int) -> list[int]:
-    """A whole prompt's chunk lengths over `group`, indexed by SP rank."""
-    lens = [0] * sp_size
-    for rank, length in zip(group, split_prompt(n, len(group), block_size), strict=True):
-        lens[rank] = length
-    return lens
 
 
 def _most_free_group(need: list[int], free: list[int]) -> tuple[int, ...] | None:
