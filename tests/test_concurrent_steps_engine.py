@@ -24,8 +24,8 @@ from csps.request import SamplingParams
 
 pytestmark = pytest.mark.slow
 
-PROMPT_LENS = (20, 24, 256)  # two short ones first, then one over the threshold (128)
-MAX_TOKENS = (40, 40, 4)
+PROMPT_LENS = (20, 24, 384)  # two short ones first, then one over the threshold (128)
+MAX_TOKENS = (60, 60, 4)
 BLOCK = 16
 
 
@@ -88,7 +88,7 @@ def test_decodes_outside_a_prefill_group_keep_running(model_dir):
     steps = [step for _, step in timed_steps]
     slices = [i for i, s in enumerate(steps) for r in s.scheduler_output.scheduled_requests
               if r.request_id == "r2" and r.is_sp_prefill]
-    assert len(slices) == 256 // (2 * 16)  # slices of 16 tokens per rank over 2 ranks
+    assert len(slices) == 384 // (2 * 16)  # slices of 16 tokens per rank over 2 ranks
     group = set(steps[slices[0]].instances)
     assert len(group) == 2 and all(set(steps[i].instances) == group for i in slices)
     outside = [s for s in steps[slices[0]:slices[-1]] if not group & set(s.instances)
@@ -96,12 +96,15 @@ def test_decodes_outside_a_prefill_group_keep_running(model_dir):
     decoded = {r.request_id for s in outside for r in s.scheduler_output.scheduled_requests}
     assert len(outside) >= len(slices) and decoded == {"r0", "r1"}
     # Measured: from its first slice's scheduling to its first token the long prompt
-    # prefills; meanwhile the short requests' tokens keep coming. Margin: their largest gap
-    # stays under a quarter of the prefill's duration (a lock-step engine's gap would be at
-    # least one whole slice, and with whole-prompt SP prefill the whole duration).
+    # prefills (12 slices); meanwhile the short requests' tokens keep coming. Margin: their
+    # largest gap stays under a quarter of the prefill's duration (measured here: under a
+    # tenth; a lock-step engine with whole-prompt SP prefill would make it the whole
+    # duration). Not less: the 4 workers share 2 cores, so a decode step may wait for the CPU.
     start, end = timed_steps[slices[0]][0], times["r2"][0]
     for rid in ("r0", "r1"):
         during = [t for t in times[rid] if start <= t <= end]
-        assert len(during) >= 4, (rid, len(during))
-        gaps = [b - a for a, b in zip([start, *during], [*during, end], strict=True)]
+        assert len(during) >= 6, (rid, len(during))
+        # the gaps while it runs: from the first slice on, to the prefill's end or its own
+        tail = [end] if times[rid][-1] > end else []  # (it may finish before the prefill)
+        gaps = [b - a for a, b in zip([start, *during], [*during, *tail], strict=False)]
         assert max(gaps) < (end - start) / 4, (rid, max(gaps), end - start)
