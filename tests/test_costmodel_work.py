@@ -9,12 +9,12 @@ import sys
 import pytest
 
 from csps.config import ParallelConfig
+from csps.contract.step import ScheduledRequest, SchedulerOutput
 from csps.contract.token_range import TokenRange
 from csps.costmodel.shape import ModelShape
 from csps.costmodel.sp_work import sp_prefill_work
 from csps.costmodel.work import iteration_work
 from csps.request import SamplingParams
-from csps.scheduler.output import ScheduledRequest, SchedulerOutput
 
 SHAPE = ModelShape("toy", num_layers=3, hidden_size=64, intermediate_size=128, num_heads=4,
                    num_kv_heads=2, head_dim=16, vocab_size=100, dtype_bytes=4)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from csps.config import engine_config_from_kwargs
+from csps.contract.step import ScheduledRequest, SchedulerOutput
 from csps.engine import multiproc_executor as executor_module
 from csps.engine.async_engine import AsyncLLMEngine
 from csps.engine.errors import EngineDeadError, WorkerError
@@ -24,7 +25,6 @@ from csps.engine.llm_engine import LLMEngine
 from csps.engine.multiproc_executor import MultiProcExecutor
 from csps.model.arch_config import LlamaArchConfig
 from csps.request import SamplingParams
-from csps.scheduler.output import ScheduledRequest, SchedulerOutput
 
 PROMPTS = [[1, 72, 101, 108, 108, 111], [1, 5, 9, 200, 31] * 7, [1, 100]]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -21,10 +21,10 @@ import shutil
 import pytest
 
 from csps.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from csps.contract.step import RunnerOutput, SchedulerOutput, Step
 from csps.costmodel.fitted import FittedCostModel
 from csps.costmodel.shape import ModelShape
 from csps.request import SamplingParams
-from csps.scheduler.output import RunnerOutput, SchedulerOutput, Step
 from csps.simulator.loop import RequestRecord
 from csps.simulator.run import SimulationConfig, build_simulator
 

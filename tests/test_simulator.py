@@ -181,9 +181,9 @@ def test_the_simulator_and_cost_models_import_without_torch():
 
 def test_sub_group_sp_prefills_in_one_iteration_add_up_per_rank_with_their_own_attention():
     from csps.contract.sp_attention import SpAttention
+    from csps.contract.step import ScheduledRequest, SchedulerOutput
     from csps.costmodel.work import iteration_work, sp_prefill_work
     from csps.request import SamplingParams
-    from csps.scheduler.output import ScheduledRequest, SchedulerOutput
 
     shape, parallel = model_shape("llama-2-7b"), ParallelConfig(sequence_parallel_size=4)
 

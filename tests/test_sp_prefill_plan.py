@@ -19,12 +19,12 @@ import torch
 from gloo_harness import run_distributed
 
 from csps.contract.sp_attention import SpAttention
+from csps.contract.step import ScheduledRequest, SchedulerOutput
 from csps.engine.worker import Worker
 from csps.kvcache.placement import TokenRange, split_prompt
 from csps.model.loader import read_arch_config
 from csps.parallel.groups import init_parallel_groups
 from csps.request import SamplingParams
-from csps.scheduler.output import ScheduledRequest, SchedulerOutput
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from csps.scheduler.output import ScheduledRequest
+from csps.contract.step import ScheduledRequest
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 
 from csps.config import ParallelConfig
+from csps.contract.step import SchedulerOutput
 from csps.costmodel.base import RankWork
 from csps.costmodel.shape import ModelShape
 from csps.costmodel.work import iteration_work
-from csps.scheduler.output import SchedulerOutput
 
 BLOCK_SIZE = 16
 

@@ -12,10 +12,10 @@ send their KV to the leader). Under TP each RankWork is TP member tp_rank's shar
 from __future__ import annotations
 
 from csps.config import ParallelConfig
+from csps.contract.step import ScheduledRequest, SchedulerOutput
 from csps.costmodel.base import RankWork
 from csps.costmodel.shape import ModelShape
 from csps.costmodel.sp_work import add_bytes, add_tp, even_split, sp_prefill_work, tp_heads
-from csps.scheduler.output import ScheduledRequest, SchedulerOutput
 
 __all__ = ["iteration_work", "sp_prefill_work"]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from csps.config import EngineConfig
+from csps.contract.step import RunnerOutput, SchedulerOutput, Step
 from csps.engine.worker import Worker
-from csps.scheduler.output import RunnerOutput, SchedulerOutput, Step
 
 
 class Executor(Protocol):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from csps.config import EngineConfig
+from csps.contract.step import RunnerOutput, Step
 from csps.engine.errors import QueueFullError
 from csps.engine.executor import Executor, make_executor
 from csps.engine.output_processor import RequestState, finished_stats, record_token_time
@@ -22,7 +23,6 @@ from csps.model.resolve import resolve_model
 from csps.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from csps.request import Request, RequestStatus, SamplingParams
 from csps.scheduler.deployment import build_scheduler, places_kv_per_rank
-from csps.scheduler.output import RunnerOutput, Step
 from csps.scheduler.predictor import build_predictor
 
 ExecutorFactory = Callable[[EngineConfig, dict[str, Any]], Executor]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from csps.attention.metadata import AttentionMetadata
-from csps.scheduler.output import ScheduledRequest
+from csps.contract.step import ScheduledRequest
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ import time
 
 import torch
 
+from csps.contract.step import RunnerOutput, SchedulerOutput
 from csps.engine.model_input import ModelInput, prepare_inputs
 from csps.engine.sampler import Sampler
 from csps.engine.sp_model_input import prepare_sp_inputs
-from csps.scheduler.output import RunnerOutput, SchedulerOutput
 
 
 class ModelRunner:

@@ -13,11 +13,11 @@ import weakref
 from multiprocessing.connection import Connection, wait
 from typing import Any, NamedTuple, NoReturn
 
+from csps.contract.step import RunnerOutput, SchedulerOutput, Step
 from csps.engine.errors import WorkerError
 from csps.engine.step_runs import StepRuns
 from csps.engine.worker_proc import STOP, WORKER_METHODS, run_worker
 from csps.parallel.groups import find_free_port
-from csps.scheduler.output import RunnerOutput, SchedulerOutput, Step
 
 MAX_PAYLOAD_BYTES = 256 << 20  # largest pickled call; a SchedulerOutput is kilobytes
 READY_TIMEOUT_S = 600.0  # spawn + import + model load of every worker

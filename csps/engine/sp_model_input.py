@@ -22,8 +22,8 @@ import torch
 from csps.attention.metadata import AttentionMetadata
 from csps.attention.sp_decode_plan import SpDecodePlan
 from csps.attention.sp_prefill_plan import SpPrefillPlan, held_slots
+from csps.contract.step import ScheduledRequest
 from csps.engine.model_input import ModelInput, flatten_requests
-from csps.scheduler.output import ScheduledRequest
 
 
 def prepare_sp_inputs(requests: Sequence[ScheduledRequest], sp_rank: int, sp_size: int,

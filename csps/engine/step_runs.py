@@ -4,7 +4,7 @@ RunnerOutput is the merge of theirs. No torch, no processes: the executors own t
 
 from __future__ import annotations
 
-from csps.scheduler.output import RunnerOutput, Step
+from csps.contract.step import RunnerOutput, Step
 
 
 class StepRuns:

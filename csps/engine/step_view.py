@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from csps.contract.step import ScheduledRequest, SchedulerOutput, Step
 from csps.contract.token_range import TokenRange
-from csps.scheduler.output import ScheduledRequest, SchedulerOutput, Step
 
 
 def local_output(step: Step) -> SchedulerOutput:

@@ -23,6 +23,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NoReturn
 
+from csps.contract.step import RunnerOutput, SchedulerOutput, Step
 from csps.engine.errors import WorkerError
 from csps.engine.step_runs import StepRuns
 from csps.engine.torchrun_worker import (  # noqa: F401 - run_torchrun_worker: the cli's
@@ -43,7 +44,6 @@ from csps.parallel.control import (
 )
 from csps.parallel.groups import destroy_parallel_groups
 from csps.parallel.mailbox import Mailbox
-from csps.scheduler.output import RunnerOutput, SchedulerOutput, Step
 
 logger = logging.getLogger(__name__)
 

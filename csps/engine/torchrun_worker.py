@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from csps.config import EngineConfig
+from csps.contract.step import RunnerOutput
 from csps.engine.worker import Worker
 from csps.engine.worker_proc import STOP, WORKER_METHODS, error_payload
 from csps.parallel.control import broadcast_object, gather_objects, new_control_group, post_error
 from csps.parallel.groups import destroy_parallel_groups, init_parallel_groups
 from csps.parallel.mailbox import Mailbox
-from csps.scheduler.output import RunnerOutput
 
 logger = logging.getLogger(__name__)
 

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from csps.contract.csa_config import CsaConfig
+from csps.contract.step import RunnerOutput, SchedulerOutput, Step
 from csps.engine.model_runner import ModelRunner
 from csps.engine.sampler import Sampler
 from csps.engine.step_view import local_output
 from csps.kvcache.paged_cache import allocate_kv_caches
 from csps.model.loader import load_model
 from csps.parallel.comm import CommStats
-from csps.scheduler.output import RunnerOutput, SchedulerOutput, Step
 
 if TYPE_CHECKING:
     from csps.parallel.groups import ParallelGroups

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from csps.scheduler.output import COMM_PHASES as PHASES
+from csps.contract.step import COMM_PHASES as PHASES
 
 
 def _zeros() -> dict:

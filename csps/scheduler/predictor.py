@@ -12,14 +12,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from csps.contract.sp_attention import SpAttention
+from csps.contract.step import ScheduledRequest, SchedulerOutput
 from csps.contract.token_range import TokenRange
+from csps.costmodel.load import load_cost_model
+from csps.costmodel.shape import ModelShape
+from csps.costmodel.work import iteration_work, sp_prefill_work
 from csps.request import SamplingParams
-from csps.scheduler.output import ScheduledRequest, SchedulerOutput
 
 if TYPE_CHECKING:
     from csps.config import ParallelConfig
     from csps.costmodel.base import CostModel
-    from csps.costmodel.shape import ModelShape
 
 _PARAMS = SamplingParams()
 
@@ -42,8 +44,6 @@ class StepPredictor:
         chunk_lens (one length per SP rank, in rank order) with sp_attention (None: the
         deployment's, for the group). prefix_lens: a later slice's earlier tokens held per SP
         rank."""
-        from csps.costmodel.work import sp_prefill_work
-
         return self.cost_model.iteration_time(sp_prefill_work(
             list(chunk_lens), self.shape, self.parallel, sp_attention, prefix_lens=prefix_lens))
 
@@ -61,8 +61,6 @@ class StepPredictor:
 
     def iteration_time(self, output: SchedulerOutput) -> float:
         """Seconds of a whole iteration (SP prefills priced with their own choices)."""
-        from csps.costmodel.work import iteration_work
-
         return self.cost_model.iteration_time(
             iteration_work(output, self.shape, self.parallel, self.block_size))
 
@@ -85,9 +83,6 @@ def build_predictor(cost_model_path: str, model_dir: str | Path, parallel: Paral
     predictable on any model and machine), the bundled CPU profile for loongserve, which cannot
     schedule without one (None if the profile is absent: loongserve then refuses to start).
     dtype: the resolved activation dtype name (float32 -> 4 bytes, else 2)."""
-    from csps.costmodel.load import load_cost_model
-    from csps.costmodel.shape import ModelShape
-
     if cost_model_path == "none" or (not cost_model_path and policy != "loongserve"):
         return None
     path = Path(cost_model_path) if cost_model_path else BUNDLED_PROFILE

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 from csps.config import SchedulerConfig
 from csps.contract.sp_attention import SpAttention
+from csps.contract.step import RunnerOutput, ScheduledRequest, SchedulerOutput
 from csps.kvcache.kv_cache_manager import KVCacheManager
 from csps.kvcache.placement import DistributedKVCacheManager
 from csps.request import Request, RequestStatus
 from csps.scheduler.batch import BatchBuilder
-from csps.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from csps.scheduler.policies import make_policy
 from csps.scheduler.sp_books import SequenceParallelBooks, SpPrefillSchedule
 from csps.scheduler.step_books import StepBooks

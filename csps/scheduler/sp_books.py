@@ -14,9 +14,9 @@ from csps.kvcache.placement import DistributedKVCacheManager, TokenRange, split_
 from csps.request import RequestStatus
 
 if TYPE_CHECKING:
+    from csps.contract.step import ScheduledRequest
     from csps.request import Request
     from csps.scheduler.batch import BatchBuilder
-    from csps.scheduler.output import ScheduledRequest
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from csps.contract.step import RunnerOutput, SchedulerOutput, Step
 from csps.scheduler.batch import BatchBuilder
 from csps.scheduler.instances import InstanceView, components, hull
-from csps.scheduler.output import RunnerOutput, SchedulerOutput, Step
 
 if TYPE_CHECKING:
     from csps.scheduler.scheduler import RequestUpdate

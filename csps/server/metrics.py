@@ -17,8 +17,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from csps.contract.step import COMM_PHASES
 from csps.engine.outputs import IterationStats
-from csps.scheduler.output import COMM_PHASES
 
 PREFIX = "csps:"
 FINISH_REASONS = ("stop", "length", "abort", "error")

@@ -20,9 +20,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from csps.contract.step import SchedulerOutput, Step
 from csps.request import Request, SamplingParams
 from csps.scheduler import RunnerOutput, Scheduler
-from csps.scheduler.output import SchedulerOutput, Step
 from csps.simulator.timer import StepCost, StepTimer
 
 STEP_END, ARRIVAL = 0, 1  # at equal times, steps end before new requests arrive

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from csps.contract.step import SchedulerOutput
 from csps.costmodel.work import iteration_work
-from csps.scheduler.output import SchedulerOutput
 
 if TYPE_CHECKING:
     from csps.config import ParallelConfig
