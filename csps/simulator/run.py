@@ -87,10 +87,10 @@ def build_simulator(config: SimulationConfig,
     kwargs: dict = {}
     if config.use_predictor and not no_predictor:
         kwargs["predictor"] = StepPredictor(cost_model, shape, parallel, engine.cache.block_size)
-    if config.sp_degrees == "all":
-        kwargs["allowed_sp_degrees"] = list(range(1, sp + 1))
-    elif engine.scheduler.allowed_sp_degrees:  # "engine": the engine's --sp-prefill-degrees
+    if engine.scheduler.allowed_sp_degrees:  # --sp-prefill-degrees, as the engine reads it
         kwargs["allowed_sp_degrees"] = list(engine.scheduler.allowed_sp_degrees)
+    elif config.sp_degrees == "all":
+        kwargs["allowed_sp_degrees"] = list(range(1, sp + 1))
     schedulers = build_schedulers(engine, plan, config.num_replicas, **kwargs)
     timer = CostModelTimer(cost_model, shape, parallel, engine.cache.block_size)
     simulator = Simulator(schedulers, timer, config.max_concurrency, on_request_done)
