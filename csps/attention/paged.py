@@ -3,8 +3,9 @@
 Decodes and chunked prefills read a request's cached keys as views of runs of consecutive
 blocks (paged_views.py) instead of gathering them into new tensors every step and layer.
 Prefill from position 0 is the reference's causal SDPA on the new keys. A request whose table
-is split into more than MAX_RUNS runs, or a chunked prefill over several runs, falls back to
-the reference's gather. Slow twin: ReferenceAttentionBackend ("reference"); equal within 1e-5
+is split into more than MAX_RUNS runs falls back to the reference's gather. A chunked prefill
+over a prefix of several runs (shared prefix-cache blocks, interleaved allocation) merges the
+prefix's in-place runs with the chunk's own causal keys by log-sum-exp. Slow twin: ReferenceAttentionBackend ("reference"); equal within 1e-5
 in fp32 (tests/test_paged_attention.py).
 """
 
@@ -12,8 +13,16 @@ from __future__ import annotations
 
 import torch
 
+from csps.attention.merge import merge_attn_states
 from csps.attention.metadata import AttentionMetadata
-from csps.attention.paged_views import MAX_RUNS, SlotRun, block_runs, decode_over_runs
+from csps.attention.paged_views import (
+    MAX_RUNS,
+    SlotRun,
+    block_runs,
+    decode_over_runs,
+    queries_over_runs,
+)
+from csps.attention.partial import partial_attention
 from csps.attention.reference import ReferenceAttentionBackend, _sdpa
 from csps.kvcache.paged_cache import KVCache
 
@@ -53,13 +62,27 @@ class PagedAttentionBackend(ReferenceAttentionBackend):
                 out[rows] = _sdpa(q[rows], k_flat[first:first + n], v_flat[first:first + n],
                                   scale, mask=mask.tril(num_computed))
             elif num_new > 1:
-                out[rows] = self._prefix_attention(q[rows], kv_cache, metadata, r, scale)
+                out[rows] = self._chunk_over_runs(q[rows], k[rows], v[rows], k_flat, v_flat,
+                                                  metadata, r, kv_cache, scale)
             elif len(runs) <= MAX_RUNS:
                 out[starts[r]] = decode_over_runs(q[starts[r]], k_flat, v_flat, runs, scale)[0]
             else:  # fragmented: gather this request's blocks once, then one run
                 out[starts[r]] = self._gathered_decode(q[starts[r]], kv_cache, metadata, r,
                                                        scale)
         return out
+
+    def _chunk_over_runs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         k_flat: torch.Tensor, v_flat: torch.Tensor, metadata: AttentionMetadata,
+                         r: int, kv_cache: KVCache, scale: float) -> torch.Tensor:
+        """Chunked prefill of request r, q/k/v [n, H, D], over a prefix split into runs: the
+        prefix's runs read in place (no mask), the chunk's own keys causal, merged by LSE."""
+        prefix = block_runs(metadata.block_tables[r].tolist(), metadata.num_computed_tokens[r],
+                            kv_cache.block_size)
+        if len(prefix) > MAX_RUNS:
+            return self._prefix_attention(q, kv_cache, metadata, r, scale)
+        prefix_out, prefix_lse = queries_over_runs(q, k_flat, v_flat, prefix, scale)
+        own_out, own_lse = partial_attention(q, k, v, scale=scale, causal=True)
+        return merge_attn_states([prefix_out, own_out], [prefix_lse, own_lse])[0]
 
     def _plan_runs(self, metadata: AttentionMetadata,
                    kv_cache: KVCache) -> list[list[SlotRun]]:

@@ -69,3 +69,42 @@ def decode_over_runs(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor
         out = part if out is None else out + part
         offset += n
     return out.reshape(num_heads, head_dim).to(q.dtype), lse.reshape(num_heads)
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def queries_over_runs(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
+                      runs: list[SlotRun], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries q [n, Hq, D] over every key in `runs` (no mask: a chunk's cached prefix).
+
+    Returns (out [n, Hq, D] in q's dtype, lse [n, Hq] fp32), merged over the runs. GQA folds
+    the query heads of a KV head into the query axis ([Hkv, n * g, D]) so K/V are not
+    repeated; each run is a strided view fed to the CPU flash kernel, which returns the LSE.
+    """
+    from csps.attention.merge import merge_attn_states
+    from csps.attention.reference import attention_with_lse
+
+    num_queries, num_heads, head_dim = q.shape
+    num_kv_heads = k_flat.shape[1]
+    group = num_heads // num_kv_heads
+    usable = (_FLASH_CPU is not None and q.device.type == "cpu" and q.dtype == k_flat.dtype
+              and q.dtype in (torch.float32, torch.bfloat16))
+    folded = q.view(num_queries, num_kv_heads, group, head_dim).permute(1, 0, 2, 3) \
+        .reshape(1, num_kv_heads, num_queries * group, head_dim)  # [1, Hkv, n * g, D]
+    outs, lses = [], []
+    for first, n in runs:
+        keys, values = k_flat[first:first + n], v_flat[first:first + n]  # views [n_i, Hkv, D]
+        if usable:
+            out, lse = _FLASH_CPU(folded, keys.transpose(0, 1)[None],
+                                  values.transpose(0, 1)[None], 0.0, False, scale=scale)[:2]
+            # [1, Hkv, n * g, D] -> [n, Hq, D]; lse [1, Hkv, n * g] -> [n, Hq]
+            out = out[0].view(num_kv_heads, num_queries, group, head_dim).permute(1, 0, 2, 3)
+            lse = lse[0].view(num_kv_heads, num_queries, group).permute(1, 0, 2)
+            outs.append(out.reshape(num_queries, num_heads, head_dim))
+            lses.append(lse.reshape(num_queries, num_heads).float())
+        else:
+            out, lse = attention_with_lse(q, keys, values, scale=scale)
+            outs.append(out)
+            lses.append(lse)
+    return merge_attn_states(outs, lses)
