@@ -90,6 +90,7 @@ def main() -> None:
                 samples.setdefault(f"decode/{name}/{b}/{n}", []).append(
                     csps_decode_tps(llm, b, n, args.decode_steps, rep))
             print(f"decode batch {b} context {n} done", flush=True)
+            Path(args.out).with_suffix(".partial.json").write_text(json.dumps(samples))
         for n in args.prefill_lens:
             samples.setdefault(f"prefill/hf/{n}", []).append(n / hf_prefill_s(hf, n, rep))
             for name, llm in systems.items():
