@@ -15,6 +15,8 @@ SP_ATTENTION_ALGORITHMS = ("ulysses", "allgather_kv", "ring", "csa")
 CSA_FAR_QUERIES = ("all", "sampled")
 SP_DECODE_MODES = ("qmove", "kvmove")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8")  # layers/quantization.py (config stays torch-free)
+ATTENTION_BACKENDS = ("paged", "reference")  # one rank's; SP ranks use --sp-attention
 
 
 def _help(text: str) -> dict:
@@ -30,6 +32,12 @@ class ModelConfig:
     dtype: str = field(default="auto", metadata=_help(
         "Weight and activation dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, "
         "bfloat16, float16."))
+    quantization: str = field(default="none", metadata=_help(
+        "Weights: none, or int8 (weight-only, per-row scales; use with --dtype bfloat16, whose "
+        "activations the fused CPU kernel needs)."))
+    attention_backend: str = field(default="paged", metadata=_help(
+        "Attention of a single-rank worker: paged (reads the KV cache in place) or reference "
+        "(gathers each request's blocks first; the plain-torch oracle)."))
     max_model_len: int | None = field(default=None, metadata=_help(
         "Longest prompt plus output, in tokens (default: the model's max_position_embeddings)."))
     device: str = field(default="auto", metadata=_help("auto, cpu or cuda."))
@@ -38,6 +46,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, "
+                             f"got {self.quantization!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, "
+                             f"got {self.attention_backend!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.max_model_len is not None and self.max_model_len < 1:

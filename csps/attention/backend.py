@@ -44,7 +44,8 @@ class AttentionBackend(ABC):
 
 
 # Built-in backends, imported on first use so optional GPU dependencies never break import.
-_BUILTIN: dict[str, str] = {"reference": "csps.attention.reference:ReferenceAttentionBackend"}
+_BUILTIN: dict[str, str] = {"reference": "csps.attention.reference:ReferenceAttentionBackend",
+                            "paged": "csps.attention.paged:PagedAttentionBackend"}
 _REGISTERED: dict[str, type[AttentionBackend]] = {}
 
 

@@ -54,7 +54,9 @@ class LLMEngine:
             num_blocks=num_blocks, block_size=config.cache.block_size, seed=config.model.seed,
             sp_attention=parallel.sp_attention, sp_decode=parallel.sp_decode,
             csa_levels=parallel.resolved_csa_levels, csa_far_queries=parallel.csa_far_queries,
-            csa_micro_batch=parallel.csa_micro_batch))
+            csa_micro_batch=parallel.csa_micro_batch,
+            attention_backend=config.model.attention_backend,
+            quantization=config.model.quantization))
         predictor = build_predictor(config.scheduler.cost_model, model_dir, parallel,
                                     config.cache.block_size, dtype,
                                     config.scheduler.policy) if placed else None

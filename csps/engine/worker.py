@@ -44,7 +44,8 @@ class Worker:
                  block_size: int, seed: int, groups: ParallelGroups | None = None,
                  sp_attention: str = "ulysses", sp_decode: str = "qmove",
                  csa_levels: str = "1:1,2:2", csa_far_queries: str = "all",
-                 csa_micro_batch: str = "") -> None:
+                 csa_micro_batch: str = "", attention_backend: str = "paged",
+                 quantization: str = "none") -> None:
         torch.manual_seed(seed)
         self.groups = groups
         self.device = torch.device(device)
@@ -59,7 +60,8 @@ class Worker:
                                                 sp_decode, csa)
         self.backend = backend
         self.model = load_model(model_dir, dtype=TORCH_DTYPES[dtype], device=self.device,
-                                attn_backend=backend, tp=tp)
+                                attn_backend_name=attention_backend, attn_backend=backend,
+                                tp=tp, quantization=quantization)
         kv_caches = allocate_kv_caches(
             num_layers=arch.num_hidden_layers, num_blocks=num_blocks, block_size=block_size,
             num_kv_heads=self.model.model.layers[0].self_attn.num_kv_heads,  # this TP rank's

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from csps.layers.linear import linear
+from csps.layers.quantization import Int8Weight
 
 
 class VocabEmbedding(nn.Module):
@@ -36,8 +37,11 @@ class LMHead(nn.Module):
             self.tied_embedding = [tied_embedding]  # a list, so it is not a second submodule
         else:
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))  # [V, H]
+        self.int8: Int8Weight | None = None  # set by quantization.quantize_model_int8_
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None:
+            return self.int8.matmul(hidden).float()
         weight = self.tied_embedding[0].weight if self.is_tied else self.weight
         # NOTE: the matmul runs in the model dtype (as the reference does); only the result is
         # promoted, so samplers see float32 logits.

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from csps.layers.quantization import Int8Weight
+
 
 def _onednn_linear_dtypes() -> tuple[torch.dtype, ...]:
     """The dtypes oneDNN's CPU inner product handles here (none without mkldnn)."""
@@ -61,12 +63,15 @@ class _LinearBase(nn.Module):
         self.input_size = input_size
         self.output_size = output_size
         self.weight = nn.Parameter(torch.empty(output_size, input_size))
+        self.int8: Int8Weight | None = None  # set by quantization.quantize_model_int8_
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
         default_weight_loader(param, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [num_tokens, input_size] -> [num_tokens, output_size]
+        if self.int8 is not None:
+            return self.int8.matmul(x)
         return linear(x, self.weight)
 
 

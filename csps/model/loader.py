@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from csps.attention.backend import AttentionBackend, get_attention_backend
+from csps.layers.quantization import QUANTIZATIONS, quantize_model_int8_
 from csps.model.arch_config import LlamaArchConfig
 from csps.model.registry import get_model_class
 
@@ -54,7 +55,8 @@ def load_model(folder: str | Path, dtype: torch.dtype | str = torch.float32,
                device: torch.device | str = "cpu",
                attn_backend_name: str = "reference",
                attn_backend: AttentionBackend | None = None,
-               tp: TensorParallelContext | None = None) -> torch.nn.Module:
+               tp: TensorParallelContext | None = None,
+               quantization: str = "none") -> torch.nn.Module:
     """A ready (eval-mode) model with the folder's weights in `dtype` on `device`.
 
     dtype: a torch dtype or "float32" / "bfloat16" / "float16". The model's forward takes
@@ -65,8 +67,11 @@ def load_model(folder: str | Path, dtype: torch.dtype | str = torch.float32,
     when given: an instance built by the caller, e.g. parallel.sp_attention's
     SequenceParallelAttention, which needs its process group and cannot be built by name.
     With `tp` (parallel.sp_tp.TensorParallelContext) the model holds this TP rank's weight
-    shard and runs SP-TP; the forward contract is unchanged.
+    shard and runs SP-TP; the forward contract is unchanged. quantization "int8": weight-only
+    int8 linear layers and LM head (layers/quantization.py), activations in `dtype`.
     """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
@@ -79,4 +84,6 @@ def load_model(folder: str | Path, dtype: torch.dtype | str = torch.float32,
         model = model_cls(config, backend, tp=tp)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.load_weights(iterate_weights(folder))
+    if quantization == "int8":
+        quantize_model_int8_(model)
     return model.eval()

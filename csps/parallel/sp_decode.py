@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from csps.attention.merge import merge_attn_states
+from csps.attention.paged_views import MAX_RUNS, decode_over_runs, slot_runs
 from csps.attention.partial import partial_attention
 from csps.attention.sp_decode_plan import SpDecodePlan
 from csps.kvcache.paged_cache import KVCache
@@ -108,9 +109,14 @@ def _attend_held(received: torch.Tensor, kv_cache: KVCache, plan: SpDecodePlan,
     partials = received.new_empty(len(plan.held), num_heads * (head_dim + 1),
                                   dtype=torch.float32)
     for i, held in enumerate(plan.held):
-        out, lse = partial_attention(q[i].view(1, num_heads, head_dim),
-                                     k_flat.index_select(0, held.slots),
-                                     v_flat.index_select(0, held.slots), scale=scale)
+        runs = slot_runs(held.slots)
+        if len(runs) <= MAX_RUNS:  # read the held slots in place, as views of the cache
+            out, lse = decode_over_runs(q[i].view(num_heads, head_dim), k_flat, v_flat, runs,
+                                        scale)
+        else:  # fragmented: one gather of the held slots
+            out, lse = partial_attention(q[i].view(1, num_heads, head_dim),
+                                         k_flat.index_select(0, held.slots),
+                                         v_flat.index_select(0, held.slots), scale=scale)
         partials[i, :q_size] = out.reshape(-1).float()
         partials[i, q_size:] = lse.reshape(-1)
     return partials

@@ -1,0 +1,103 @@
+"""PagedAttentionBackend ("paged"): the reference's contract, reading cached K/V in place.
+
+Decodes and chunked prefills read a request's cached keys as views of runs of consecutive
+blocks (paged_views.py) instead of gathering them into new tensors every step and layer.
+Prefill from position 0 is the reference's causal SDPA on the new keys. A request whose table
+is split into more than MAX_RUNS runs falls back to the reference's gather. A chunked prefill
+over a prefix of several runs (shared prefix-cache blocks, interleaved allocation) merges the
+prefix's in-place runs with the chunk's own causal keys by log-sum-exp. Slow twin: ReferenceAttentionBackend ("reference"); equal within 1e-5
+in fp32 (tests/test_paged_attention.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from csps.attention.merge import merge_attn_states
+from csps.attention.metadata import AttentionMetadata
+from csps.attention.paged_views import (
+    MAX_RUNS,
+    SlotRun,
+    block_runs,
+    decode_over_runs,
+    queries_over_runs,
+)
+from csps.attention.partial import partial_attention
+from csps.attention.reference import ReferenceAttentionBackend, _sdpa
+from csps.kvcache.paged_cache import KVCache
+
+
+class PagedAttentionBackend(ReferenceAttentionBackend):
+    """Not thread-safe: one instance serves one model's layers, one forward at a time."""
+
+    name = "paged"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._runs_for: AttentionMetadata | None = None
+        self._runs: list[list[SlotRun]] = []  # per request: runs of its seq_len keys
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: KVCache | None, metadata: AttentionMetadata,
+                scale: float | None = None) -> torch.Tensor:
+        if kv_cache is None or not any(metadata.num_computed_tokens):
+            return super().forward(q, k, v, kv_cache, metadata, scale)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        if metadata.slot_mapping is None:
+            raise ValueError("a kv_cache needs metadata built with slot_mapping")
+        kv_cache.write_slots(k, v, metadata.slot_mapping)
+        num_kv_heads, head_dim = kv_cache.k_cache.shape[2:]
+        k_flat = kv_cache.k_cache.view(-1, num_kv_heads, head_dim)  # [num_slots, Hkv, D]
+        v_flat = kv_cache.v_cache.view(-1, num_kv_heads, head_dim)
+        out = torch.empty_like(q)  # [T, Hq, D]
+        starts = metadata.query_starts
+        for r, runs in enumerate(self._plan_runs(metadata, kv_cache)):
+            rows = slice(starts[r], starts[r + 1])
+            num_computed, num_new = metadata.num_computed_tokens[r], metadata.query_lens[r]
+            if num_computed == 0:
+                out[rows] = _sdpa(q[rows], k[rows], v[rows], scale, is_causal=True)
+            elif num_new > 1 and len(runs) == 1:
+                first, n = runs[0]
+                mask = torch.ones(num_new, n, dtype=torch.bool, device=q.device)
+                out[rows] = _sdpa(q[rows], k_flat[first:first + n], v_flat[first:first + n],
+                                  scale, mask=mask.tril(num_computed))
+            elif num_new > 1:
+                out[rows] = self._chunk_over_runs(q[rows], k[rows], v[rows], k_flat, v_flat,
+                                                  metadata, r, kv_cache, scale)
+            elif len(runs) <= MAX_RUNS:
+                out[starts[r]] = decode_over_runs(q[starts[r]], k_flat, v_flat, runs, scale)[0]
+            else:  # fragmented: gather this request's blocks once, then one run
+                out[starts[r]] = self._gathered_decode(q[starts[r]], kv_cache, metadata, r,
+                                                       scale)
+        return out
+
+    def _chunk_over_runs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         k_flat: torch.Tensor, v_flat: torch.Tensor, metadata: AttentionMetadata,
+                         r: int, kv_cache: KVCache, scale: float) -> torch.Tensor:
+        """Chunked prefill of request r, q/k/v [n, H, D], over a prefix split into runs: the
+        prefix's runs read in place (no mask), the chunk's own keys causal, merged by LSE."""
+        prefix = block_runs(metadata.block_tables[r].tolist(), metadata.num_computed_tokens[r],
+                            kv_cache.block_size)
+        if len(prefix) > MAX_RUNS:
+            return self._prefix_attention(q, kv_cache, metadata, r, scale)
+        prefix_out, prefix_lse = queries_over_runs(q, k_flat, v_flat, prefix, scale)
+        own_out, own_lse = partial_attention(q, k, v, scale=scale, causal=True)
+        return merge_attn_states([prefix_out, own_out], [prefix_lse, own_lse])[0]
+
+    def _plan_runs(self, metadata: AttentionMetadata,
+                   kv_cache: KVCache) -> list[list[SlotRun]]:
+        """Each request's slot runs, computed once per batch (all layers share them)."""
+        if metadata is not self._runs_for:
+            tables = metadata.block_tables.tolist()
+            self._runs = [block_runs(table, seq_len, kv_cache.block_size)
+                          for table, seq_len in zip(tables, metadata.seq_lens, strict=True)]
+            self._runs_for = metadata
+        return self._runs
+
+    def _gathered_decode(self, q: torch.Tensor, kv_cache: KVCache,
+                         metadata: AttentionMetadata, r: int, scale: float) -> torch.Tensor:
+        """q [Hq, D] of request r over its gathered blocks -> [Hq, D]."""
+        seq_len = metadata.seq_lens[r]
+        num_blocks = -(-seq_len // kv_cache.block_size)
+        keys, values = self._gather(kv_cache, metadata.block_tables[r, :num_blocks])
+        return decode_over_runs(q, keys, values, [(0, seq_len)], scale)[0]
