@@ -49,7 +49,8 @@ def _run(schedule, seq_lens, layout, seed=0):
             [(computed[r], n, tables[r]) for r, n in step], BLOCK_SIZE, "cpu")
         q, k, v = (torch.cat([qkv[r][i][computed[r]:computed[r] + n] for r, n in step])
                    for i in range(3))
-        expected, got = (b.forward(q, k, v, c, metadata) for b, c in zip(backends, caches))
+        expected, got = (b.forward(q, k, v, c, metadata)
+                         for b, c in zip(backends, caches, strict=True))
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
         for r, n in step:
             computed[r] += n
