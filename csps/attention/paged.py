@@ -6,7 +6,8 @@ Prefill from position 0 is the reference's causal SDPA on the new keys. A reques
 is split into more than MAX_RUNS runs falls back to the reference's gather. A chunked prefill
 over a prefix of several runs (shared prefix-cache blocks, interleaved allocation) merges the
 prefix's in-place runs with the chunk's own causal keys by log-sum-exp. Slow twin:
-ReferenceAttentionBackend ("reference"); equal within 1e-5 in fp32 (tests/test_paged_attention.py).
+ReferenceAttentionBackend ("reference"); equal within 1e-5 in fp32
+(tests/test_paged_attention.py).
 """
 
 from __future__ import annotations
