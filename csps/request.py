@@ -6,6 +6,8 @@ and decode steps run, and `is_prefill` is derived from it (style.md example 2).
 
 from __future__ import annotations
 
+import math
+
 import enum
 from dataclasses import dataclass, field
 
@@ -52,9 +54,11 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        # NOTE: NaN fails every comparison, so finiteness is checked first: a NaN or infinite
+        # temperature would reach the sampler and fail the whole batch
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1 (disabled) or >= 0, got {self.top_k}")

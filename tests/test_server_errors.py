@@ -178,3 +178,18 @@ def test_api_key():
         assert good.json()["choices"][0]["text"] == "H"
         for path in ("/health", "/version", "/metrics"):
             assert client.get(path).status_code == 200
+
+
+@pytest.mark.parametrize("path,fields", [
+    ("/v1/completions", '"prompt": "Hi"'),
+    ("/v1/chat/completions", '"messages": [{"role": "user", "content": "hi"}]')])
+@pytest.mark.parametrize("param,literal", [("temperature", "NaN"), ("temperature", "Infinity"),
+                                           ("temperature", "-Infinity"), ("top_p", "NaN")])
+def test_non_finite_floats_are_refused_and_the_server_keeps_serving(client, path, fields,
+                                                                    param, literal):
+    """Issue 15's report: a NaN temperature (JSON's NaN literal, as curl sends it) reached the
+    sampler, answered 500 and killed the engine. Now a 400 naming the parameter."""
+    body = f'{{{fields}, "max_tokens": 2, "{param}": {literal}}}'
+    reply = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert_error(reply, 400, param, None)
+    assert_still_serving(client)
