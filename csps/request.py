@@ -6,9 +6,8 @@ and decode steps run, and `is_prefill` is derived from it (style.md example 2).
 
 from __future__ import annotations
 
-import math
-
 import enum
+import math
 from dataclasses import dataclass, field
 
 
