@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass, field
 
 
+MAX_LOGPROBS = 20  # top alternatives a request may ask for, as vLLM's default
+
+
 class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
@@ -35,36 +38,93 @@ FINISH_REASONS = {
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """vLLM-compatible sampling parameters. temperature 0 means greedy."""
+class StructuredOutputsParams:
+    """A grammar the output must follow (vLLM's StructuredOutputsParams): a JSON schema (as a
+    JSON string) or any JSON object. Exactly one is set."""
 
+    json: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.json is None) == (not self.json_object):
+            raise ValueError("structured outputs take exactly one of a JSON schema "
+                             "or json_object")
+
+
+def _check_finite(name: str, value: float, low: float, high: float,
+                  low_open: bool = False) -> None:
+    """ValueError naming the parameter unless low <= value <= high (low < value if low_open).
+    NaN fails every comparison, so finiteness is checked first."""
+    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be a finite number in {bracket}{low}, {high}], "
+                         f"got {value}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """vLLM-compatible sampling parameters. temperature 0 means greedy.
+
+    Penalties follow vLLM: presence and frequency penalties count the output tokens,
+    the repetition penalty the prompt and output tokens; logit_bias adds to the raw logits;
+    `logprobs` asks for the sampled token's log-probability and that many top alternatives,
+    `prompt_logprobs` the same for every prompt token after the first."""
+
+    n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: no top-k filtering
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     max_tokens: int | None = 16  # None: up to max_model_len
+    min_tokens: int = 0  # EOS and stop token ids are masked until this many tokens exist
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     seed: int | None = None
     include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's and top-k
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        # NOTE: NaN fails every comparison, so finiteness is checked first: a NaN or infinite
-        # temperature would reach the sampler and fail the whole batch
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+        _check_finite("temperature", self.temperature, 0.0, 1e4)
+        _check_finite("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_finite("min_p", self.min_p, 0.0, 1.0)
+        _check_finite("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_finite("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_finite("repetition_penalty", self.repetition_penalty, 0.0, 1e4, low_open=True)
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1 (disabled) or >= 0, got {self.top_k}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.min_tokens < 0 or (self.max_tokens is not None
+                                   and self.min_tokens > self.max_tokens):
+            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
+        for token_id, bias in (self.logit_bias or {}).items():
+            if not isinstance(token_id, int) or token_id < 0:
+                raise ValueError(f"logit_bias keys must be token ids >= 0, got {token_id!r}")
+            _check_finite(f"logit_bias[{token_id}]", bias, -100.0, 100.0)
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1)
 
     @property
     def is_greedy(self) -> bool:
