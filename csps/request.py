@@ -10,7 +10,6 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-
 MAX_LOGPROBS = 20  # top alternatives a request may ask for, as vLLM's default
 
 

@@ -25,11 +25,12 @@ def test_greedy_rows_take_argmax_and_seeds_repeat():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     greedy = SamplingParams(temperature=0)
     seeded = SamplingParams(temperature=1.0, seed=123)
-    first = Sampler().sample(logits, ["a", "b", "c"], [greedy, seeded, seeded])
-    second = Sampler(seed=7).sample(logits, ["a", "b", "c"], [greedy, seeded, seeded])
-    assert first[0] == int(logits[0].argmax())
+    first, failed = Sampler().sample(logits, ["a", "b", "c"], [greedy, seeded, seeded])
+    second, _ = Sampler(seed=7).sample(logits, ["a", "b", "c"], [greedy, seeded, seeded])
+    assert failed == {}
+    assert first["a"] == int(logits[0].argmax())
     assert first == second  # per-request seeds do not depend on the engine seed
-    draws = [Sampler(seed=s).sample(logits[1:2], ["x"], [SamplingParams(temperature=5.0)])[0]
+    draws = [Sampler(seed=s).sample(logits[1:2], ["x"], [SamplingParams(temperature=5.0)])[0]["x"]
              for s in range(20)]
     assert len(set(draws)) > 1  # unseeded high-temperature draws vary with the engine seed
 
@@ -39,5 +40,21 @@ def test_sampling_follows_distribution():
     sampler = Sampler(seed=0)
     counts = [0, 0, 0]
     for _ in range(400):
-        counts[sampler.sample(logits, ["r"], [SamplingParams(temperature=1.0)])[0]] += 1
+        counts[sampler.sample(logits, ["r"], [SamplingParams(temperature=1.0)])[0]["r"]] += 1
     assert counts[2] == 0 and 150 < counts[0] < 250
+
+
+def test_one_rows_fault_fails_that_request_alone(monkeypatch):
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    sampler = Sampler(seed=0)
+    real = sampler._sample_row
+
+    def faulty(row_logits, request_id, p):
+        if request_id == "bad":
+            raise RuntimeError("injected")
+        return real(row_logits, request_id, p)
+    monkeypatch.setattr(sampler, "_sample_row", faulty)
+    hot = SamplingParams(temperature=1.0, seed=1)
+    sampled, failed = sampler.sample(logits, ["a", "bad", "c"], [hot, hot, hot])
+    assert set(sampled) == {"a", "c"} and list(failed) == ["bad"]
+    assert "injected" in failed["bad"]

@@ -91,9 +91,11 @@ class SchedulerOutput:
 
 @dataclass
 class RunnerOutput:
-    """What the worker returns: one sampled token per request that had `do_sample` set."""
+    """What the worker returns: one sampled token per request that had `do_sample` set, or, for
+    a request whose own work failed (its sampling), the error that ends it alone."""
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # request_id -> error message
     execute_time_s: float = 0.0  # wall time the worker spent on the iteration
     comm_bytes: dict[str, int] = field(default_factory=dict)  # phase -> bytes sent this iteration
 
@@ -104,6 +106,7 @@ class RunnerOutput:
         merged = cls()
         for out in outputs:
             merged.sampled_token_ids.update(out.sampled_token_ids)
+            merged.failed.update(out.failed)
             merged.execute_time_s = max(merged.execute_time_s, out.execute_time_s)
             for phase, num_bytes in out.comm_bytes.items():
                 merged.comm_bytes[phase] = merged.comm_bytes.get(phase, 0) + num_bytes

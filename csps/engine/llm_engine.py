@@ -5,6 +5,7 @@ run at once (the executor keeps several in flight)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,8 @@ from csps.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from csps.request import Request, RequestStatus, SamplingParams
 from csps.scheduler.deployment import build_scheduler, places_kv_per_rank
 from csps.scheduler.predictor import build_predictor
+
+logger = logging.getLogger(__name__)
 
 ExecutorFactory = Callable[[EngineConfig, dict[str, Any]], Executor]
 
@@ -141,11 +144,21 @@ class LLMEngine:
         stats.num_generation_tokens += len(updates)
         for phase, num_bytes in runner_output.comm_bytes.items():
             stats.comm_bytes[phase] = stats.comm_bytes.get(phase, 0) + num_bytes
-        outputs = []
+        outputs = [self._fail(request_id, message, now, stats)
+                   for request_id, message in runner_output.failed.items()
+                   if request_id in self._states]
         for update in updates:
             request = update.request
-            state = self._states[request.request_id]
-            delta = state.append(update.new_token_ids[0])
+            state = self._states.get(request.request_id)
+            if state is None:
+                continue
+            try:
+                delta = state.append(update.new_token_ids[0])
+            except Exception as exc:  # noqa: BLE001 - a detokenizer or stop-check fault is its own
+                outputs.append(self._fail(request.request_id,
+                                          f"detokenizing failed: {type(exc).__name__}: {exc}",
+                                          now, stats))
+                continue
             record_token_time(state, now, stats)
             if update.finished and state.finish_reason is None:
                 state.finish_reason = request.finish_reason
@@ -159,6 +172,18 @@ class LLMEngine:
                 del self._states[request.request_id]
             outputs.append(state.to_output(delta, list(update.new_token_ids)))
         return outputs
+
+    def _fail(self, request_id: str, message: str, now: float,
+              stats: IterationStats) -> RequestOutput:
+        """Finish one request with an error (its own work failed); its KV is freed, the rest of
+        the batch goes on."""
+        self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
+        state = self._states.pop(request_id)
+        state.finish_reason = "error"
+        state.metrics.finished_time = now
+        stats.finished.append(finished_stats(state))
+        logger.warning("request %s failed: %s", request_id, message)
+        return state.to_output("", [], error=message)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """Finish every live request with an error (the executor died)."""

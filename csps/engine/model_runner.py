@@ -44,12 +44,12 @@ class ModelRunner:
         hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
                             model_input.metadata)  # [T, H]
         sampled: dict[str, int] = {}
+        failed: dict[str, str] = {}
         if model_input.samples:
             rows = torch.tensor([row for row, _ in model_input.samples], device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] fp32
             requests = [r for _, r in model_input.samples]
-            token_ids = self.sampler.sample(logits, [r.request_id for r in requests],
-                                            [r.sampling_params for r in requests])
-            sampled = {r.request_id: t for r, t in zip(requests, token_ids, strict=True)}
-        return RunnerOutput(sampled_token_ids=sampled,
+            sampled, failed = self.sampler.sample(logits, [r.request_id for r in requests],
+                                                  [r.sampling_params for r in requests])
+        return RunnerOutput(sampled_token_ids=sampled, failed=failed,
                             execute_time_s=time.perf_counter() - start)

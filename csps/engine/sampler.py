@@ -43,15 +43,22 @@ class Sampler:
             self._generators.pop(request_id, None)
 
     def sample(self, logits: torch.Tensor, request_ids: list[str],
-               params: list[SamplingParams]) -> list[int]:
-        """logits [N, V] (fp32) -> N token ids."""
-        token_ids = logits.argmax(dim=-1).tolist()
+               params: list[SamplingParams]) -> tuple[dict[str, int], dict[str, str]]:
+        """logits [N, V] (fp32) -> ({request_id: token id}, {request_id: error message}); every
+        request lands in exactly one of the two."""
+        greedy = logits.argmax(dim=-1).tolist()
+        sampled: dict[str, int] = {}
+        failed: dict[str, str] = {}
         for row, (request_id, p) in enumerate(zip(request_ids, params, strict=True)):
-            if p.is_greedy:
-                continue
-            row_logits = apply_top_k_top_p(logits[row].float().cpu() / p.temperature,
-                                           p.top_k, p.top_p)
-            probs = torch.softmax(row_logits, dim=-1)
-            token = torch.multinomial(probs, 1, generator=self._generator(request_id, p))
-            token_ids[row] = int(token)
-        return token_ids
+            try:
+                sampled[request_id] = greedy[row] if p.is_greedy else self._sample_row(
+                    logits[row], request_id, p)
+            except Exception as exc:  # noqa: BLE001 - one request's fault stays its own
+                failed[request_id] = f"sampling failed: {type(exc).__name__}: {exc}"
+        return sampled, failed
+
+    def _sample_row(self, row_logits: torch.Tensor, request_id: str, p: SamplingParams) -> int:
+        """row_logits [V] -> one token id drawn with the request's temperature, top-k, top-p."""
+        masked = apply_top_k_top_p(row_logits.float().cpu() / p.temperature, p.top_k, p.top_p)
+        probs = torch.softmax(masked, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self._generator(request_id, p)))
