@@ -9,6 +9,7 @@ from tqdm import tqdm
 from csps.config import engine_config_from_kwargs
 from csps.engine.llm_engine import LLMEngine
 from csps.engine.outputs import RequestOutput
+from csps.engine.parent_request import merge_output
 from csps.request import SamplingParams
 
 PromptType = str | list[int]
@@ -47,12 +48,15 @@ class LLM:
             engine.add_request(request_id, text, token_ids, params)
             order.append(request_id)
         finished: dict[str, RequestOutput] = {}
+        merged: dict[str, RequestOutput] = {}  # every completion (n > 1) seen so far
         with tqdm(total=len(order), disable=not use_tqdm, desc="Generating") as bar:
             while engine.has_unfinished_requests():
                 outputs, _ = engine.step()
                 for output in outputs:
+                    merged[output.request_id] = merge_output(merged.get(output.request_id),
+                                                             output)
                     if output.finished:
-                        finished[output.request_id] = output
+                        finished[output.request_id] = merged[output.request_id]
                         bar.update(1)
         return [finished[request_id] for request_id in order]
 

@@ -50,10 +50,10 @@ def _worker(model_dir, groups=None, sp_attention="ulysses", csa_levels="1:1,2:2"
     worker.first_logits = {}  # request id -> the logits of its first sampled token
     sample = worker.runner.sampler.sample
 
-    def recording(logits, request_ids, params):
-        for row, request_id in enumerate(request_ids):
-            worker.first_logits.setdefault(request_id, logits[row].clone())
-        return sample(logits, request_ids, params)
+    def recording(logits, requests):
+        for row, request in enumerate(requests):
+            worker.first_logits.setdefault(request.request_id, logits[row].clone())
+        return sample(logits, requests)
     worker.runner.sampler.sample = recording
     return worker
 

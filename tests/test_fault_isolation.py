@@ -40,11 +40,11 @@ def test_sampling_fault_ends_one_request_of_eight(llm, clean, monkeypatch):
     real = sampler._sample_row
     calls = {"n": 0}
 
-    def faulty(row_logits, request_id, params):
+    def faulty(row_logits, request):
         calls["n"] += 1
         if calls["n"] == 3:  # mid-decode, with KV allocated
             raise RuntimeError("injected sampler fault")
-        return real(row_logits, request_id, params)
+        return real(row_logits, request)
     monkeypatch.setattr(sampler, "_sample_row", faulty)
     params = [FAULTY if i == 3 else GREEDY for i in range(8)]
     _check_batch(llm, clean, llm.generate(PROMPTS, params), bad=3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from csps.contract.sampling import SamplingContext, TokenLogprobs
 from csps.contract.sp_attention import SpAttention
 from csps.contract.token_range import TokenRange
 from csps.request import SamplingParams  # a request's plain values (request.py imports nothing)
@@ -44,6 +45,9 @@ class ScheduledRequest:
     # deployment's choice or the sps2 configurator's; CSA levels topped by the group's size).
     # None only when this is not an SP prefill.
     sp_attention: SpAttention | None = None
+    # The history the sampler needs (penalties, min_tokens, a grammar, prompt logprobs); None
+    # when the request's sampling parameters need none.
+    sampling_context: SamplingContext | None = None
 
     @property
     def is_sp_prefill(self) -> bool:
@@ -96,6 +100,9 @@ class RunnerOutput:
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # request_id -> error message
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # for the sampled token
+    # request_id -> [(position, logprobs of the prompt token at that position)], any order
+    prompt_logprobs: dict[str, list[tuple[int, TokenLogprobs]]] = field(default_factory=dict)
     execute_time_s: float = 0.0  # wall time the worker spent on the iteration
     comm_bytes: dict[str, int] = field(default_factory=dict)  # phase -> bytes sent this iteration
 
@@ -107,6 +114,9 @@ class RunnerOutput:
         for out in outputs:
             merged.sampled_token_ids.update(out.sampled_token_ids)
             merged.failed.update(out.failed)
+            merged.logprobs.update(out.logprobs)
+            for request_id, entries in out.prompt_logprobs.items():
+                merged.prompt_logprobs.setdefault(request_id, []).extend(entries)
             merged.execute_time_s = max(merged.execute_time_s, out.execute_time_s)
             for phase, num_bytes in out.comm_bytes.items():
                 merged.comm_bytes[phase] = merged.comm_bytes.get(phase, 0) + num_bytes

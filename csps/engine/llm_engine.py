@@ -16,6 +16,7 @@ from csps.engine.errors import QueueFullError
 from csps.engine.executor import Executor, make_executor
 from csps.engine.output_processor import RequestState, finished_stats, record_token_time
 from csps.engine.outputs import IterationStats, RequestMetrics, RequestOutput
+from csps.engine.parent_request import ParentBook, child_params
 from csps.engine.worker import resolve_device, resolve_dtype
 from csps.kvcache.capacity import kv_bytes_per_token, plan_num_blocks
 from csps.layers.linear import shard_range
@@ -65,6 +66,7 @@ class LLMEngine:
                                     config.scheduler.policy) if placed else None
         self.scheduler = build_scheduler(config, num_blocks, self.max_model_len, predictor)
         self._states: dict[str, RequestState] = {}
+        self._parents = ParentBook()  # n > 1: child requests by parent
 
     # ---- admission --------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
@@ -94,26 +96,40 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float | None = None) -> None:
+        """Queue a request; n > 1 queues n child requests reported under `request_id`."""
         max_tokens = self.validate(prompt_token_ids, params)
         if self.scheduler.num_waiting >= self.config.scheduler.max_waiting_requests:
             raise QueueFullError(f"The server is busy: {self.scheduler.num_waiting} requests "
                                  f"are waiting. Retry later.")
         arrival = time.monotonic() if arrival_time is None else arrival_time
+        if params.n > 1:
+            for index, child in enumerate(self._parents.add(request_id, params.n)):
+                self._add(child, prompt, prompt_token_ids, child_params(params, index),
+                          arrival, max_tokens, index)
+        else:
+            self._add(request_id, prompt, prompt_token_ids, params, arrival, max_tokens)
+
+    def _add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+             params: SamplingParams, arrival: float, max_tokens: int, index: int = 0) -> None:
         request = Request(request_id, list(prompt_token_ids), params,
                           eos_token_id=self.tokenizer.eos_token_id, arrival_time=arrival,
                           max_tokens=max_tokens)
         self.scheduler.add_request(request)
         self._states[request_id] = RequestState(
             request_id, prompt, list(prompt_token_ids), params,
-            IncrementalDetokenizer(self.tokenizer, prompt_token_ids), RequestMetrics(arrival))
+            IncrementalDetokenizer(self.tokenizer, prompt_token_ids), RequestMetrics(arrival),
+            decode=self._decode_token, index=index)
+
+    def _decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def abort_requests(self, request_ids: list[str]) -> list[RequestOutput]:
         outputs = []
-        for request in self.scheduler.abort_requests(request_ids):
+        for request in self.scheduler.abort_requests(self._parents.child_ids(request_ids)):
             state = self._states.pop(request.request_id)
             state.finish_reason = "abort"
             outputs.append(state.to_output("", []))
-        return outputs
+        return self._parents.wrap(outputs)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -129,7 +145,7 @@ class LLMEngine:
         stats = IterationStats()
         outputs = []
         for step, runner_output in self.executor.wait_steps():
-            outputs += self._book(step, runner_output, stats)
+            outputs += self._parents.wrap(self._book(step, runner_output, stats))
         stats.num_running = self.scheduler.num_running
         stats.num_waiting = self.scheduler.num_waiting
         stats.kv_cache_usage = self.scheduler.kv_cache_manager.usage
@@ -147,12 +163,16 @@ class LLMEngine:
         outputs = [self._fail(request_id, message, now, stats)
                    for request_id, message in runner_output.failed.items()
                    if request_id in self._states]
+        for request_id, entries in runner_output.prompt_logprobs.items():
+            if request_id in self._states:
+                self._states[request_id].add_prompt_logprobs(entries)
         for update in updates:
             request = update.request
             state = self._states.get(request.request_id)
             if state is None:
                 continue
             try:
+                state.add_logprobs(runner_output.logprobs.get(request.request_id))
                 delta = state.append(update.new_token_ids[0])
             except Exception as exc:  # noqa: BLE001 - a detokenizer or stop-check fault is its own
                 outputs.append(self._fail(request.request_id,
@@ -193,7 +213,7 @@ class LLMEngine:
             state = self._states.pop(request_id)
             state.finish_reason = "error"
             outputs.append(state.to_output("", [], error=message))
-        return outputs
+        return self._parents.wrap(outputs)
 
     def get_stats(self) -> dict:
         manager = self.scheduler.kv_cache_manager

@@ -8,6 +8,7 @@ import time
 import torch
 
 from csps.contract.step import RunnerOutput, SchedulerOutput
+from csps.engine.logprobs import prompt_logprobs
 from csps.engine.model_input import ModelInput, prepare_inputs
 from csps.engine.sampler import Sampler
 from csps.engine.sp_model_input import prepare_sp_inputs
@@ -43,13 +44,20 @@ class ModelRunner:
             return RunnerOutput(execute_time_s=time.perf_counter() - start)
         hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
                             model_input.metadata)  # [T, H]
-        sampled: dict[str, int] = {}
-        failed: dict[str, str] = {}
+        out = RunnerOutput()
         if model_input.samples:
             rows = torch.tensor([row for row, _ in model_input.samples], device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] fp32
-            requests = [r for _, r in model_input.samples]
-            sampled, failed = self.sampler.sample(logits, [r.request_id for r in requests],
-                                                  [r.sampling_params for r in requests])
-        return RunnerOutput(sampled_token_ids=sampled, failed=failed,
-                            execute_time_s=time.perf_counter() - start)
+            sampled = self.sampler.sample(logits, [r for _, r in model_input.samples])
+            out.sampled_token_ids, out.failed = sampled.sampled, sampled.failed
+            out.logprobs = sampled.logprobs
+        for span in model_input.prompt_spans:
+            request = span.request
+            try:
+                out.prompt_logprobs[request.request_id] = prompt_logprobs(
+                    self.model, hidden, span.row_start, span.first_position, span.targets,
+                    request.sampling_params.prompt_logprobs)
+            except (ValueError, IndexError, RuntimeError) as exc:  # this request's alone
+                out.failed[request.request_id] = f"prompt logprobs failed: {exc}"
+        out.execute_time_s = time.perf_counter() - start
+        return out

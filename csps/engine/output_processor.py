@@ -4,12 +4,16 @@ strings, per-request timestamps and per-iteration stats. No torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from csps.contract.sampling import TokenLogprobs
+from csps.engine.logprob_outputs import position_logprobs, prompt_logprob_list
 from csps.engine.outputs import (
     CompletionOutput,
     FinishedRequestStats,
     IterationStats,
+    PositionLogprobs,
     RequestMetrics,
     RequestOutput,
 )
@@ -29,6 +33,22 @@ class RequestState:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    decode: Callable[[int], str] = str  # one token id -> its text (logprob entries)
+    index: int = 0  # which of the parent's n samples this is
+    logprobs: list[PositionLogprobs] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    prompt_logprobs: dict[int, PositionLogprobs] = field(default_factory=dict)  # by position
+
+    def add_logprobs(self, entry: TokenLogprobs | None) -> None:
+        if entry is not None:
+            self.logprobs.append(position_logprobs(entry, self.decode))
+            self.cumulative_logprob += entry.logprob
+
+    def add_prompt_logprobs(self, entries: list[tuple[int, TokenLogprobs]]) -> None:
+        """Positions seen again (a recompute after preemption) keep their first entry."""
+        for position, entry in entries:
+            if position < len(self.prompt_token_ids):
+                self.prompt_logprobs.setdefault(position, position_logprobs(entry, self.decode))
 
     def append(self, token_id: int) -> str:
         """Add a token; return the text to stream now. The text is cut at a stop string when
@@ -61,13 +81,20 @@ class RequestState:
 
     def to_output(self, delta_text: str, delta_token_ids: list[int],
                   error: str | None = None) -> RequestOutput:
+        wants_logprobs = self.params.logprobs is not None
         completion = CompletionOutput(
-            text=self.text, token_ids=list(self.token_ids), finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason, delta_text=delta_text, delta_token_ids=delta_token_ids)
+            index=self.index, text=self.text, token_ids=list(self.token_ids),
+            finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+            delta_text=delta_text, delta_token_ids=delta_token_ids,
+            logprobs=list(self.logprobs) if wants_logprobs else None,
+            cumulative_logprob=self.cumulative_logprob if wants_logprobs else None)
+        prompt_logprobs = (prompt_logprob_list(self.prompt_logprobs, len(self.prompt_token_ids))
+                           if self.params.prompt_logprobs is not None else None)
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids, outputs=[completion],
-            finished=self.finish_reason is not None, metrics=self.metrics, error=error)
+            finished=self.finish_reason is not None, metrics=self.metrics, error=error,
+            prompt_logprobs=prompt_logprobs)
 
 
 def finished_stats(state: RequestState) -> FinishedRequestStats:

@@ -7,6 +7,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """vLLM's Logprob: one token's log-probability, its rank in the distribution (1 = most
+    likely) and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# One position's logprobs: the chosen token and the top alternatives, by token id.
+PositionLogprobs = dict[int, Logprob]
+
+
 @dataclass
 class CompletionOutput:
     """One generated sequence (vLLM's `outputs[0]`). `text`/`token_ids` are cumulative; `delta_*`
@@ -19,6 +33,8 @@ class CompletionOutput:
     stop_reason: str | int | None = None  # the stop string or token id that ended it, if any
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] | None = None  # one per token, when asked for
+    cumulative_logprob: float | None = None
 
 
 @dataclass
@@ -41,6 +57,8 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the request failed inside the engine
+    # when asked for: None for the first prompt token, then one entry per prompt token
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
 
 @dataclass

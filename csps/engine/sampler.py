@@ -1,13 +1,22 @@
-"""Sampler: one token per row of logits, with temperature, top-k, top-p and per-request seeds.
+"""Sampler: one token per row of logits, with vLLM's sampling parameters and per-request seeds.
 
-Greedy rows (temperature 0) take the argmax; the others sample on the CPU with a generator per
-request (seeded from `seed` when given), so a request's samples do not depend on its batch-mates.
+Rows whose parameters change nothing (greedy, no penalties, bias, min_tokens or grammar) take
+the batch argmax; the others run, row by row on the CPU: logits processors (logits_processors.py),
+then greedy argmax or temperature, min_p, top-k, top-p and a draw from a generator per request
+(seeded from `seed` when given), so a request's samples do not depend on its batch-mates.
+Logprobs are read from the raw logits (logprobs.py). A row whose work raises fails alone.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from csps.contract.sampling import TokenLogprobs
+from csps.contract.step import ScheduledRequest
+from csps.engine.logits_processors import apply_logits_processors, apply_min_p, needs_processing
+from csps.engine.logprobs import token_logprobs
 from csps.request import SamplingParams
 
 
@@ -25,10 +34,20 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
     return logits
 
 
+@dataclass
+class SamplerOutput:
+    """Every request lands in exactly one of `sampled` and `failed`."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # request_id -> error message
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+
+
 class Sampler:
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, grammars=None) -> None:
         self._default_generator = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
+        self.grammars = grammars  # structured output: a GrammarBook, or None
 
     def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator:
         if params.seed is None:
@@ -38,27 +57,56 @@ class Sampler:
         return self._generators[request_id]
 
     def forget(self, request_ids: list[str]) -> None:
-        """Drop per-request generator state of finished requests."""
+        """Drop per-request state of finished requests."""
         for request_id in request_ids:
             self._generators.pop(request_id, None)
+            if self.grammars is not None:
+                self.grammars.forget(request_id)
 
-    def sample(self, logits: torch.Tensor, request_ids: list[str],
-               params: list[SamplingParams]) -> tuple[dict[str, int], dict[str, str]]:
-        """logits [N, V] (fp32) -> ({request_id: token id}, {request_id: error message}); every
-        request lands in exactly one of the two."""
+    def sample(self, logits: torch.Tensor, requests: list[ScheduledRequest]) -> SamplerOutput:
+        """logits [N, V] (fp32), row i for requests[i] -> a SamplerOutput."""
+        out = SamplerOutput()
         greedy = logits.argmax(dim=-1).tolist()
-        sampled: dict[str, int] = {}
-        failed: dict[str, str] = {}
-        for row, (request_id, p) in enumerate(zip(request_ids, params, strict=True)):
+        for row, request in enumerate(requests):
+            p = request.sampling_params
             try:
-                sampled[request_id] = greedy[row] if p.is_greedy else self._sample_row(
-                    logits[row], request_id, p)
+                if p.is_greedy and not needs_processing(p):
+                    out.sampled[request.request_id] = greedy[row]
+                else:
+                    out.sampled[request.request_id] = self._sample_row(logits[row], request)
             except Exception as exc:  # noqa: BLE001 - one request's fault stays its own
-                failed[request_id] = f"sampling failed: {type(exc).__name__}: {exc}"
-        return sampled, failed
+                out.failed[request.request_id] = f"sampling failed: {type(exc).__name__}: {exc}"
+        self._add_logprobs(logits, requests, out)
+        return out
 
-    def _sample_row(self, row_logits: torch.Tensor, request_id: str, p: SamplingParams) -> int:
-        """row_logits [V] -> one token id drawn with the request's temperature, top-k, top-p."""
-        masked = apply_top_k_top_p(row_logits.float().cpu() / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(masked, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self._generator(request_id, p)))
+    def _sample_row(self, row_logits: torch.Tensor, request: ScheduledRequest) -> int:
+        """row_logits [V] -> one token id under the request's sampling parameters."""
+        p = request.sampling_params
+        logits = row_logits.float().cpu()
+        if needs_processing(p):
+            logits = apply_logits_processors(logits, p, request.sampling_context)
+            if p.structured_outputs is not None:
+                self.grammars.apply_mask(request, logits)
+        if p.is_greedy:
+            token = int(logits.argmax())
+        else:
+            logits = apply_min_p(logits / p.temperature, p.min_p)
+            probs = torch.softmax(apply_top_k_top_p(logits, p.top_k, p.top_p), dim=-1)
+            token = int(torch.multinomial(probs, 1,
+                                          generator=self._generator(request.request_id, p)))
+        if p.structured_outputs is not None:
+            self.grammars.accept(request, token)
+        return token
+
+    def _add_logprobs(self, logits: torch.Tensor, requests: list[ScheduledRequest],
+                      out: SamplerOutput) -> None:
+        rows = [(row, r) for row, r in enumerate(requests)
+                if r.sampling_params.logprobs is not None and r.request_id in out.sampled]
+        if not rows:
+            return
+        index = torch.tensor([row for row, _ in rows], device=logits.device)
+        entries = token_logprobs(logits.index_select(0, index),
+                                 [out.sampled[r.request_id] for _, r in rows],
+                                 [r.sampling_params.logprobs for _, r in rows])
+        for (_, request), entry in zip(rows, entries, strict=True):
+            out.logprobs[request.request_id] = entry

@@ -23,7 +23,7 @@ from csps.attention.metadata import AttentionMetadata
 from csps.attention.sp_decode_plan import SpDecodePlan
 from csps.attention.sp_prefill_plan import SpPrefillPlan, held_slots
 from csps.contract.step import ScheduledRequest
-from csps.engine.model_input import ModelInput, flatten_requests
+from csps.engine.model_input import ModelInput, flatten_requests, prompt_span
 
 
 def prepare_sp_inputs(requests: Sequence[ScheduledRequest], sp_rank: int, sp_size: int,
@@ -41,7 +41,9 @@ def prepare_sp_inputs(requests: Sequence[ScheduledRequest], sp_rank: int, sp_siz
     metadata = replace(head.metadata, sp_slice=tail.metadata)
     return ModelInput(torch.cat([head.input_ids, tail.input_ids]),
                       torch.cat([head.positions, tail.positions]), metadata,
-                      head.samples + [(row + offset, r) for row, r in tail.samples])
+                      head.samples + [(row + offset, r) for row, r in tail.samples],
+                      head.prompt_spans + [replace(s, row_start=s.row_start + offset)
+                                           for s in tail.prompt_spans])
 
 
 def _led_input(requests: Sequence[ScheduledRequest], sp_rank: int, sp_size: int,
@@ -53,14 +55,14 @@ def _led_input(requests: Sequence[ScheduledRequest], sp_rank: int, sp_size: int,
     has_exchange = any(r.is_distributed for r in requests)
     if not mine and not has_exchange:
         return None
-    input_ids, positions, samples = flatten_requests(local + spread)
+    input_ids, positions, samples, spans = flatten_requests(local + spread)
     metadata = AttentionMetadata.build(
         [(r.num_computed_tokens, r.num_scheduled_tokens, r.block_ids) for r in local],
         block_size=block_size, device=device)
     if has_exchange:
         plan = SpDecodePlan.build(requests, sp_rank, sp_size, block_size, device)
         metadata = replace(metadata, sp_decode=plan)
-    return ModelInput.from_lists(input_ids, positions, metadata, samples, device)
+    return ModelInput.from_lists(input_ids, positions, metadata, samples, device, spans)
 
 
 def _sp_prefill_input(request: ScheduledRequest, sp_rank: int, block_size: int,
@@ -97,5 +99,7 @@ def _sp_prefill_input(request: ScheduledRequest, sp_rank: int, block_size: int,
                                                   group_first=first)
     samples = ([(end - start - 1, request)]
                if sp_rank == request.leader and request.do_sample else [])
+    span = prompt_span(request, 0, start, end)
     return ModelInput.from_lists(request.token_ids[start - computed:end - computed],
-                                 list(range(start, end)), metadata, samples, device)
+                                 list(range(start, end)), metadata, samples, device,
+                                 [span] if span is not None else [])

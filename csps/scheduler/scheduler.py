@@ -17,6 +17,7 @@ from csps.kvcache.placement import DistributedKVCacheManager
 from csps.request import Request, RequestStatus
 from csps.scheduler.batch import BatchBuilder
 from csps.scheduler.policies import make_policy
+from csps.scheduler.sampling_context import sampling_context
 from csps.scheduler.sp_books import SequenceParallelBooks, SpPrefillSchedule
 from csps.scheduler.step_books import StepBooks
 
@@ -190,13 +191,15 @@ class Scheduler(SequenceParallelBooks, StepBooks):
 
     def _to_scheduled(self, request: Request, num_tokens: int) -> ScheduledRequest:
         start = request.num_computed_tokens
+        do_sample = start + num_tokens == request.num_tokens
         scheduled = ScheduledRequest(
             request_id=request.request_id,
             token_ids=request.token_ids_between(start, start + num_tokens),
             num_computed_tokens=start,
             block_ids=[],
             sampling_params=request.sampling_params,
-            do_sample=start + num_tokens == request.num_tokens,
+            do_sample=do_sample,
+            sampling_context=sampling_context(request, start, num_tokens, do_sample),
         )
         if self.is_distributed:
             self._add_placement(scheduled)
