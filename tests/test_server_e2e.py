@@ -120,7 +120,8 @@ def test_32_concurrent_streams_match_one_at_a_time(server):
     ({"model": MODEL, "prompt": "hi " * 2000}, 400),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 5000}, 400),
-    ({"model": MODEL, "prompt": "hi", "n": 2}, 400),
+    ({"model": MODEL, "prompt": "hi", "n": 0}, 400),
+    ({"model": MODEL, "prompt": "hi", "temperature": float("nan")}, 400),
     ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400),
 ])
 def test_bad_input_gets_4xx_and_server_keeps_serving(server, body, status):

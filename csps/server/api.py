@@ -23,16 +23,12 @@ from csps.server import prompts
 from csps.server.errors import APIError, install_exception_handlers
 from csps.server.metrics import PrometheusStatLogger
 from csps.server.protocol import (
-    ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatMessageOut,
-    ChatStreamChoice,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    DeltaMessage,
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
@@ -41,6 +37,7 @@ from csps.server.protocol import (
     TokenizeResponse,
     UsageInfo,
 )
+from csps.server.responses import ChatChoices, CompletionChoices, usage
 from csps.server.streaming import collect_response, open_streams, stream_response
 
 if TYPE_CHECKING:
@@ -52,17 +49,6 @@ def server_version() -> str:
         return importlib.metadata.version("csps")
     except importlib.metadata.PackageNotFoundError:
         return "0.1.0"
-
-
-def _usage(finals: list[RequestOutput]) -> UsageInfo:
-    prompt = sum(len(o.prompt_token_ids) for o in finals)
-    completion = sum(len(o.outputs[0].token_ids) for o in finals)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion)
-
-
-def _finish_reason(output: RequestOutput) -> str | None:
-    return output.outputs[0].finish_reason if output.finished else None
 
 
 def _require_api_key(api_key: str):
@@ -112,24 +98,19 @@ def create_app(engine: AsyncLLMEngine, api_key: str | None = None) -> FastAPI:
             return CompletionResponse(id=request_id, created=created, model=model,
                                       choices=choices, usage=usage)
 
+        choices = CompletionChoices(body, engine.tokenizer.decode)
         if body.stream:
             def chunk(index: int, output: RequestOutput, is_first: bool) -> CompletionResponse:
-                text = output.outputs[0].delta_text
-                choice = CompletionChoice(index=index, text=text,
-                                          finish_reason=_finish_reason(output))
-                return response([choice], None)
+                return response([choices.chunk(index, output)], None)
 
             def usage_chunk(finals: list[RequestOutput]) -> CompletionResponse:
-                return response([], _usage(finals))
+                return response([], usage(finals))
 
             return await stream_response(raw_request, streams, chunk,
                                          usage_chunk if body.include_usage else None)
         finals = await collect_response(raw_request, streams)
-        choices = [CompletionChoice(index=i, text=o.outputs[0].text,
-                                    finish_reason=o.outputs[0].finish_reason,
-                                    stop_reason=o.outputs[0].stop_reason)
-                   for i, o in enumerate(finals)]
-        return response(choices, _usage(finals))
+        return response([c for i, o in enumerate(finals) for c in choices.full(i, o)],
+                        usage(finals))
 
     @router.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, raw_request: Request):
@@ -142,28 +123,21 @@ def create_app(engine: AsyncLLMEngine, api_key: str | None = None) -> FastAPI:
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         streams = open_streams(engine, request_id, [(None, token_ids)], [params])
 
+        choices = ChatChoices(body)
         if body.stream:
             def chunk(index: int, output: RequestOutput, is_first: bool) -> ChatCompletionChunk:
-                delta = DeltaMessage(role="assistant" if is_first else None,
-                                     content=output.outputs[0].delta_text)
-                choice = ChatStreamChoice(index=index, delta=delta,
-                                          finish_reason=_finish_reason(output))
                 return ChatCompletionChunk(id=request_id, created=created, model=model,
-                                           choices=[choice])
+                                           choices=[choices.chunk(output)])
 
             def usage_chunk(finals: list[RequestOutput]) -> ChatCompletionChunk:
                 return ChatCompletionChunk(id=request_id, created=created, model=model,
-                                           choices=[], usage=_usage(finals))
+                                           choices=[], usage=usage(finals))
 
             return await stream_response(raw_request, streams, chunk,
                                          usage_chunk if body.include_usage else None)
         finals = await collect_response(raw_request, streams)
-        completion = finals[0].outputs[0]
-        choice = ChatChoice(index=0, message=ChatMessageOut(content=completion.text),
-                            finish_reason=completion.finish_reason,
-                            stop_reason=completion.stop_reason)
         return ChatCompletionResponse(id=request_id, created=created, model=model,
-                                      choices=[choice], usage=_usage(finals))
+                                      choices=choices.full(finals[0]), usage=usage(finals))
 
     @router.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:

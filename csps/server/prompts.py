@@ -6,6 +6,7 @@ Every rejection is an APIError with an OpenAI-style status, message and `param`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -139,8 +140,17 @@ def sampling_params(engine: AsyncLLMEngine, body: SamplingRequest, num_prompt_to
                           f"{max_tokens_param}.", param=max_tokens_param,
                           code="context_length_exceeded")
     try:
-        return body.to_sampling_params(max_tokens)
+        params = body.to_sampling_params(max_tokens)
     except ValueError as exc:
-        first_word = str(exc).split(" ", 1)[0]
-        param = first_word if first_word in type(body).model_fields else None
-        raise bad_request(str(exc), param=param) from exc
+        raise bad_request(str(exc), param=_param_named(body, str(exc))) from exc
+    check_token_ids(engine, list(params.logit_bias or ()), "logit_bias")
+    return params
+
+
+def _param_named(body: SamplingRequest, message: str) -> str | None:
+    """The request field a SamplingParams error names ("top_p must be ..." -> top_p)."""
+    match = re.match(r"[a-z_]+", message)
+    name = body.param_names.get(match.group(), match.group()) if match else None
+    if name == "structured":  # "structured outputs take ..."
+        name = "response_format"
+    return name if name in type(body).model_fields else None

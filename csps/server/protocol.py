@@ -12,7 +12,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, model_serializer
 
-from csps.request import SamplingParams
+from csps.request import SamplingParams, StructuredOutputsParams
+from csps.server.logprobs import ChatLogprobs, CompletionLogprobs
+from csps.server.response_format import response_format_to_structured_outputs
 
 
 class StreamOptions(BaseModel):
@@ -35,20 +37,17 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored
-    # Known but not implemented: each must keep one of the listed values.
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float | None = None
+    repetition_penalty: float | None = None  # None: 1.0
     min_p: float = 0.0
     min_tokens: int = 0
-    logit_bias: dict[str, float] | None = None
-
-    allowed_values: ClassVar[dict[str, tuple]] = {
-        "n": (1,), "presence_penalty": (0.0,), "frequency_penalty": (0.0,),
-        "repetition_penalty": (None, 1.0), "min_p": (0.0,), "min_tokens": (0,),
-        "logit_bias": (None, {}),
-    }
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
+    # Known but not implemented: each must keep one of the listed values.
+    allowed_values: ClassVar[dict[str, tuple]] = {}
+    # a SamplingParams field named in a ValueError -> the request field the user set
+    param_names: ClassVar[dict[str, str]] = {}
 
     def unsupported_parameter(self) -> tuple[str, Any] | None:
         """The first known-but-unimplemented parameter set to a value csps cannot honour."""
@@ -62,19 +61,51 @@ class SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def logprob_params(self) -> tuple[int | None, int | None]:
+        """(logprobs, prompt_logprobs) as SamplingParams counts them."""
+        return None, None
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        return None
+
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         """Raises ValueError (from SamplingParams) on out-of-range values."""
+        logprobs, prompt_logprobs = self.logprob_params()
         return SamplingParams(
+            n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k in (None, 0) else self.top_k,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=(1.0 if self.repetition_penalty is None
+                                else self.repetition_penalty),
             max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
             stop=self.stop or (),
             stop_token_ids=self.stop_token_ids or (),
             ignore_eos=self.ignore_eos,
             seed=self.seed,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            logit_bias=_token_bias(self.logit_bias),
+            structured_outputs=self.structured_outputs(),
         )
+
+
+def _token_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's {"50256": -100} -> {50256: -100.0}; a key that is no token id raises."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+    return out
 
 
 class CompletionRequest(SamplingRequest):
@@ -87,10 +118,14 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
     suffix: str | None = None
 
-    allowed_values: ClassVar[dict[str, tuple]] = SamplingRequest.allowed_values | {
-        "best_of": (None, 1), "logprobs": (None,), "prompt_logprobs": (None,),
-        "echo": (False,), "suffix": (None, ""),
-    }
+    allowed_values: ClassVar[dict[str, tuple]] = {"best_of": (None, 1), "suffix": (None, "")}
+
+    def logprob_params(self) -> tuple[int | None, int | None]:
+        """echo with logprobs scores the prompt too (lm-evaluation-harness's loglikelihood)."""
+        prompt_logprobs = self.prompt_logprobs
+        if self.echo and self.logprobs is not None and prompt_logprobs is None:
+            prompt_logprobs = self.logprobs
+        return self.logprobs, prompt_logprobs
 
 
 class ContentPart(BaseModel):
@@ -112,10 +147,16 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[dict] | None = None
     response_format: dict | None = None
 
-    allowed_values: ClassVar[dict[str, tuple]] = SamplingRequest.allowed_values | {
-        "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
-        "response_format": (None, {"type": "text"}),
-    }
+    allowed_values: ClassVar[dict[str, tuple]] = {"tools": (None, [])}
+    param_names: ClassVar[dict[str, str]] = {"logprobs": "top_logprobs"}
+
+    def logprob_params(self) -> tuple[int | None, int | None]:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return (self.top_logprobs or 0) if self.logprobs else None, None
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        return response_format_to_structured_outputs(self.response_format)
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -137,7 +178,7 @@ def _now() -> int:
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
@@ -168,7 +209,7 @@ class DeltaMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
@@ -176,7 +217,7 @@ class ChatChoice(BaseModel):
 class ChatStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

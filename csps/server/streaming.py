@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from csps.engine.errors import EngineError, RequestError
 from csps.engine.outputs import RequestOutput
+from csps.engine.parent_request import merge_output
 from csps.request import SamplingParams
 from csps.server.errors import APIError, ClientDisconnected, bad_request
 from csps.server.protocol import ErrorResponse
@@ -165,7 +166,7 @@ async def collect_final(streams: list[Stream]) -> list[RequestOutput]:
     async for index, output in merge_streams(streams):
         if output.error:
             raise RequestError(output.error)
-        finals[index] = output
+        finals[index] = merge_output(finals[index], output)  # n > 1: every completion
     return finals  # type: ignore[return-value]
 
 
@@ -182,8 +183,7 @@ async def sse_events(streams: list[Stream], build_chunk: ChunkBuilder,
                 raise RequestError(output.error)
             yield sse_event(build_chunk(index, output, index not in seen))
             seen.add(index)
-            if output.finished:
-                finals[index] = output
+            finals[index] = merge_output(finals.get(index), output)
         if usage_chunk is not None:
             yield sse_event(usage_chunk([finals[i] for i in sorted(finals)]))
     except Exception as exc:
