@@ -8,13 +8,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from csps.config import EngineConfig
+from csps.inputs import PromptType, TextPrompt, TokensPrompt
 from csps.request import SamplingParams
 
 if TYPE_CHECKING:
     from csps.llm import LLM
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "EngineConfig", "SamplingParams", "__version__"]
+__all__ = ["LLM", "EngineConfig", "PromptType", "SamplingParams", "TextPrompt", "TokensPrompt",
+           "__version__"]
 
 
 def __getattr__(name: str):

@@ -10,9 +10,8 @@ from csps.config import engine_config_from_kwargs
 from csps.engine.llm_engine import LLMEngine
 from csps.engine.outputs import RequestOutput
 from csps.engine.parent_request import merge_output
+from csps.inputs import PromptType, batch_prompts, parse_prompt
 from csps.request import SamplingParams
-
-PromptType = str | list[int]
 
 
 class LLM:
@@ -29,22 +28,22 @@ class LLM:
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        """Generate for every prompt; outputs come back in prompt order. A prompt is a string,
+        a list of token ids, {"prompt": str} or {"prompt_token_ids": [...]} (csps.inputs)."""
+        engine = self.llm_engine
+        prompts = batch_prompts(prompts)
+        parsed = [parse_prompt(prompt, engine.tokenizer.encode, i)
+                  for i, prompt in enumerate(prompts)]  # every form checked before any is added
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError("sampling_params must be one per prompt")
-        engine = self.llm_engine
         order = []
-        for prompt, params in zip(prompts, sampling_params, strict=True):
+        for (text, token_ids), params in zip(parsed, sampling_params, strict=True):
             request_id = str(self._next_id)
             self._next_id += 1
-            text, token_ids = ((prompt, engine.tokenizer.encode(prompt))
-                               if isinstance(prompt, str) else (None, list(prompt)))
             engine.add_request(request_id, text, token_ids, params)
             order.append(request_id)
         finished: dict[str, RequestOutput] = {}

@@ -21,7 +21,7 @@ METRIC_NAMES = [
     "request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
     "request_prompt_tokens", "request_generation_tokens", "iteration_tokens_total",
     "prompt_tokens_total", "generation_tokens_total", "request_success_total",
-    "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+    "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total",
 ]
 
 

@@ -6,7 +6,7 @@ import sys
 PURE_MODULES = ["csps.config", "csps.request", "csps.contract", "csps.contract.sp_attention",
                 "csps.scheduler", "csps.scheduler.deployment", "csps.kvcache.block_pool",
                 "csps.kvcache.kv_cache_manager", "csps.kvcache.placement", "csps.engine.outputs",
-                "csps.engine.output_processor"]
+                "csps.engine.output_processor", "csps.inputs"]
 
 
 def test_scheduler_core_imports_without_torch():

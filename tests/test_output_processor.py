@@ -71,3 +71,17 @@ def test_timestamps_give_ttft_itl_and_stats():
     done = finished_stats(state)
     assert (done.queue_time_s, done.prefill_time_s, done.decode_time_s) == (0.5, 0.5, 0.75)
     assert done.time_per_output_token_s == 0.375 and done.num_generation_tokens == 3
+
+
+def test_phases_a_request_never_reached_are_none():
+    waiting = make_state()  # aborted while it waited: only its end-to-end latency is known
+    waiting.finish_reason, waiting.metrics.finished_time = "abort", 2.0
+    done = finished_stats(waiting)
+    assert done.finish_reason == "abort" and done.e2e_latency_s == 2.0
+    assert (done.queue_time_s, done.prefill_time_s, done.decode_time_s,
+            done.time_per_output_token_s) == (None, None, None, None)
+    prefilling = make_state()  # failed mid-prefill: it queued, but had no first token
+    prefilling.metrics.first_scheduled_time = 0.5
+    prefilling.finish_reason, prefilling.metrics.finished_time = "error", 1.5
+    done = finished_stats(prefilling)
+    assert (done.queue_time_s, done.prefill_time_s, done.decode_time_s) == (0.5, None, None)

@@ -44,11 +44,13 @@ class ServerProcess:
         self.stop()
         raise RuntimeError("server did not become healthy in 120 s")
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of csps:NAME (the series carrying `labels`, if given) from /metrics."""
         text = httpx.get(self.url + "/metrics").text
-        match = re.search(rf"^csps:{name}\{{[^}}]*\}} (\S+)$", text, re.M)
-        assert match, f"csps:{name} missing from /metrics"
-        return float(match.group(1))
+        for match in re.finditer(rf"^csps:{name}\{{([^}}]*)\}} (\S+)$", text, re.M):
+            if all(f'{key}="{value}"' in match.group(1) for key, value in labels.items()):
+                return float(match.group(2))
+        raise AssertionError(f"csps:{name}{labels} missing from /metrics")
 
     def wait_idle(self, timeout: float = 10.0) -> None:
         """Assert that every KV block is free again (requests finished or aborted)."""
@@ -137,15 +139,21 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(server, body, status):
     server.wait_idle()
 
 
-def test_disconnect_mid_stream_frees_kv(server):
+def test_disconnect_mid_stream_frees_kv_and_counts_an_abort(server):
     body = {"model": MODEL, "prompt": "Tell a long story.", "max_tokens": 500,
             "ignore_eos": True, "stream": True}
+    aborted = server.metric("request_success_total", finished_reason="abort")
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as reply:
         lines = reply.iter_lines()
         chunks = [next(lines) for _ in range(6)]
         assert any(c.startswith("data: ") for c in chunks)
         assert server.metric("kv_cache_usage_perc") > 0
     server.wait_idle()
+    deadline = time.monotonic() + 10  # booked by the engine thread right after it frees the KV
+    while server.metric("request_success_total", finished_reason="abort") == aborted:
+        assert time.monotonic() < deadline, "the abort was not counted"
+        time.sleep(0.05)
+    assert server.metric("request_success_total", finished_reason="abort") == aborted + 1
 
 
 def test_full_queue_answers_503(real_model_dir):

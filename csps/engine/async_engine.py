@@ -110,8 +110,14 @@ class AsyncLLMEngine:
                 self.engine.add_request(*payload)
             except Exception as exc:  # validation or a full queue: the caller sees it
                 self._publish(request_id, exc)
-        elif kind == "abort":
-            self.engine.abort_requests([payload])
+        elif kind == "abort":  # a client went away (or asked): count it as vLLM does
+            stats = IterationStats()
+            if self.engine.abort_requests([payload], stats):
+                self._log_stats(stats)
+
+    def _log_stats(self, stats: IterationStats) -> None:
+        for callback in self._stat_loggers:
+            callback(stats)
 
     def _run(self) -> None:
         try:
@@ -128,12 +134,16 @@ class AsyncLLMEngine:
                 outputs, stats = self.engine.step()
                 for output in outputs:
                     self._publish(output.request_id, output)
-                for callback in self._stat_loggers:
-                    callback(stats)
+                self._log_stats(stats)
         except Exception as exc:  # the executor or a worker failed: fail loudly, never hang
             logger.exception("engine loop died")
             self.dead_reason = f"{type(exc).__name__}: {exc}"
-            for output in self.engine.fail_all(f"The engine failed: {self.dead_reason}"):
+            stats = IterationStats()
+            for output in self.engine.fail_all(f"The engine failed: {self.dead_reason}", stats):
                 self._publish(output.request_id, output)
             for request_id in list(self._streams):
                 self._publish(request_id, EngineDeadError(self.dead_reason))
+            try:  # the failed requests count as "error" in request_success_total
+                self._log_stats(stats)
+            except Exception:  # noqa: BLE001 - the engine is already dead; keep its reason
+                logger.exception("stat logging after the engine died failed")

@@ -123,11 +123,16 @@ class LLMEngine:
     def _decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def abort_requests(self, request_ids: list[str]) -> list[RequestOutput]:
+    def abort_requests(self, request_ids: list[str],
+                       stats: IterationStats | None = None) -> list[RequestOutput]:
+        """Abort live requests (unknown or finished ids are ignored). With `stats`, each one
+        is booked there as finished with reason "abort" for the stat loggers, as vLLM counts
+        it in request_success_total."""
         outputs = []
         for request in self.scheduler.abort_requests(self._parents.child_ids(request_ids)):
             state = self._states.pop(request.request_id)
             state.finish_reason = "abort"
+            self._book_finished_outside_step(state, stats)
             outputs.append(state.to_output("", []))
         return self._parents.wrap(outputs)
 
@@ -137,19 +142,24 @@ class LLMEngine:
     # ---- the iteration ----------------------------------------------------------------------
     def step(self) -> tuple[list[RequestOutput], IterationStats]:
         now = time.monotonic()
+        preemptions_before = self.scheduler.num_preemptions
         for step in self.scheduler.schedule_steps():
             for scheduled in step.scheduler_output.scheduled_requests:
                 metrics = self._states[scheduled.request_id].metrics
                 metrics.first_scheduled_time = metrics.first_scheduled_time or now
             self.executor.submit(step)
         stats = IterationStats()
+        stats.num_preempted_reqs = self.scheduler.num_preemptions - preemptions_before
         outputs = []
         for step, runner_output in self.executor.wait_steps():
             outputs += self._parents.wrap(self._book(step, runner_output, stats))
+        return outputs, self._with_load(stats)
+
+    def _with_load(self, stats: IterationStats) -> IterationStats:
         stats.num_running = self.scheduler.num_running
         stats.num_waiting = self.scheduler.num_waiting
         stats.kv_cache_usage = self.scheduler.kv_cache_manager.usage
-        return outputs, stats
+        return stats
 
     def _book(self, step: Step, runner_output: RunnerOutput,
               stats: IterationStats) -> list[RequestOutput]:
@@ -205,15 +215,27 @@ class LLMEngine:
         logger.warning("request %s failed: %s", request_id, message)
         return state.to_output("", [], error=message)
 
-    def fail_all(self, message: str) -> list[RequestOutput]:
-        """Finish every live request with an error (the executor died)."""
+    def fail_all(self, message: str,
+                 stats: IterationStats | None = None) -> list[RequestOutput]:
+        """Finish every live request with an error (the executor died); with `stats`, each
+        is booked there as finished with reason "error"."""
         outputs = []
         for request_id in list(self._states):
             self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
             state = self._states.pop(request_id)
             state.finish_reason = "error"
+            self._book_finished_outside_step(state, stats)
             outputs.append(state.to_output("", [], error=message))
         return self._parents.wrap(outputs)
+
+    def _book_finished_outside_step(self, state: RequestState,
+                                    stats: IterationStats | None) -> None:
+        """A request finished by an abort or a failure between steps: stamp it and book its
+        FinishedRequestStats (and the engine's load after it) in `stats`, if given."""
+        state.metrics.finished_time = time.monotonic()
+        if stats is not None:
+            stats.finished.append(finished_stats(state))
+            self._with_load(stats)
 
     def get_stats(self) -> dict:
         manager = self.scheduler.kv_cache_manager

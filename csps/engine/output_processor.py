@@ -98,21 +98,25 @@ class RequestState:
 
 
 def finished_stats(state: RequestState) -> FinishedRequestStats:
-    """Per-request latencies for the stat loggers, from the request's timestamps."""
+    """Per-request latencies for the stat loggers, from the request's timestamps. A phase the
+    request did not reach (an abort while waiting, a failure before the first token) is None,
+    so that it does not enter that phase's histogram as a made-up zero."""
     m = state.metrics
-    first_scheduled = m.first_scheduled_time or m.arrival_time
-    first_token = m.first_token_time or m.finished_time or first_scheduled
-    finished = m.finished_time or first_token
+    scheduled, first_token = m.first_scheduled_time, m.first_token_time
+    finished = m.finished_time or m.last_token_time or first_token or scheduled or m.arrival_time
     num_generated = len(state.token_ids)
-    tpot = (finished - first_token) / (num_generated - 1) if num_generated > 1 else None
+    started = scheduled or m.arrival_time
+    tpot = None
+    if first_token is not None and num_generated > 1:
+        tpot = (finished - first_token) / (num_generated - 1)
     return FinishedRequestStats(
         finish_reason=state.finish_reason or "abort",
         num_prompt_tokens=len(state.prompt_token_ids),
         num_generation_tokens=num_generated,
         e2e_latency_s=finished - m.arrival_time,
-        queue_time_s=first_scheduled - m.arrival_time,
-        prefill_time_s=first_token - first_scheduled,
-        decode_time_s=finished - first_token,
+        queue_time_s=None if scheduled is None else scheduled - m.arrival_time,
+        prefill_time_s=None if first_token is None else first_token - started,
+        decode_time_s=None if first_token is None else finished - first_token,
         time_per_output_token_s=tpot,
     )
 

@@ -63,14 +63,17 @@ class RequestOutput:
 
 @dataclass
 class FinishedRequestStats:
+    """One finished request (any finish reason, aborts and errors included). A phase the
+    request never reached (aborted while waiting, failed before its first token) is None."""
+
     finish_reason: str
     num_prompt_tokens: int
     num_generation_tokens: int
     e2e_latency_s: float
-    queue_time_s: float
-    prefill_time_s: float
-    decode_time_s: float
-    time_per_output_token_s: float | None  # None for a single-token output
+    queue_time_s: float | None  # None: never scheduled
+    prefill_time_s: float | None  # None: no first token
+    decode_time_s: float | None  # None: no first token
+    time_per_output_token_s: float | None  # None for fewer than two output tokens
 
 
 @dataclass
@@ -79,6 +82,7 @@ class IterationStats:
 
     num_prompt_tokens: int = 0  # prompt tokens computed this iteration
     num_generation_tokens: int = 0  # tokens sampled this iteration
+    num_preempted_reqs: int = 0  # requests preempted this iteration (vLLM's name)
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0  # 0-1

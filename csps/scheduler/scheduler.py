@@ -4,6 +4,7 @@ SchedulerOutput per iteration. The chosen policy decides; this class keeps the b
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from csps.scheduler.step_books import StepBooks
 
 if TYPE_CHECKING:
     from csps.scheduler.predictor import StepPredictor
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -163,6 +166,9 @@ class Scheduler(SequenceParallelBooks, StepBooks):
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
         self._notify(preempted=request.request_id)
+        logger.info("request %s preempted: KV cache full, it will be recomputed (%d time(s) "
+                    "for this request, %d in total)", request.request_id,
+                    request.num_preemptions, self.num_preemptions)
 
     # ---- the iteration ----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:

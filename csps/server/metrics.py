@@ -86,6 +86,8 @@ class PrometheusStatLogger:
                                           ITERATION_TOKEN_BUCKETS)
         self.prompt_tokens = counter("prompt_tokens_total", "Prefill tokens processed.")
         self.generation_tokens = counter("generation_tokens_total", "Tokens generated.")
+        self.num_preemptions = counter("num_preemptions_total",
+                                       "Requests preempted (KV freed, to be recomputed).")
         self.request_success = Counter(PREFIX + "request_success_total",
                                        "Finished requests by finish reason.",
                                        ["model_name", "finished_reason"], registry=self.registry)
@@ -103,21 +105,26 @@ class PrometheusStatLogger:
                                     "Fraction of KV cache blocks in use (0-1).")
 
     def log(self, stats: IterationStats) -> None:
-        """Record one engine step. Called by the engine after every step."""
-        self.iteration_tokens.observe(stats.num_prompt_tokens + stats.num_generation_tokens)
+        """Record one engine step. Called by the engine after every step, and with the
+        finished requests of an abort or a failure outside a step (no tokens: no iteration)."""
+        num_tokens = stats.num_prompt_tokens + stats.num_generation_tokens
+        if num_tokens:
+            self.iteration_tokens.observe(num_tokens)
         self.prompt_tokens.inc(stats.num_prompt_tokens)
         self.generation_tokens.inc(stats.num_generation_tokens)
+        self.num_preemptions.inc(stats.num_preempted_reqs)
         for ttft in stats.ttfts_s:
             self.ttft.observe(ttft)
         for itl in stats.inter_token_latencies_s:
             self.itl.observe(itl)
         for done in stats.finished:
             self.e2e.observe(done.e2e_latency_s)
-            self.queue_time.observe(done.queue_time_s)
-            self.prefill_time.observe(done.prefill_time_s)
-            self.decode_time.observe(done.decode_time_s)
-            if done.time_per_output_token_s is not None:
-                self.tpot.observe(done.time_per_output_token_s)
+            for histogram, seconds in ((self.queue_time, done.queue_time_s),
+                                       (self.prefill_time, done.prefill_time_s),
+                                       (self.decode_time, done.decode_time_s),
+                                       (self.tpot, done.time_per_output_token_s)):
+                if seconds is not None:  # a phase the request never reached
+                    histogram.observe(seconds)
             self.request_prompt_tokens.observe(done.num_prompt_tokens)
             self.request_generation_tokens.observe(done.num_generation_tokens)
             self.request_success.labels(self.model_name, done.finish_reason).inc()
