@@ -17,9 +17,8 @@ from csps.engine.executor import Executor, make_executor
 from csps.engine.output_processor import RequestState, finished_stats, record_token_time
 from csps.engine.outputs import IterationStats, RequestMetrics, RequestOutput
 from csps.engine.parent_request import ParentBook, child_params
-from csps.engine.worker import resolve_device, resolve_dtype
-from csps.kvcache.capacity import kv_bytes_per_token, plan_num_blocks
-from csps.layers.linear import shard_range
+from csps.engine.request_validation import validate_request
+from csps.engine.worker_plan import plan_workers
 from csps.model.loader import read_arch_config
 from csps.model.resolve import resolve_model
 from csps.model.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -41,27 +40,11 @@ class LLMEngine:
         self.tokenizer = Tokenizer(model_dir)
         self.model_name = config.model.name
         self.max_model_len = config.model.max_model_len or self.arch.max_position_embeddings
-        device = resolve_device(config.model.device)
-        dtype = resolve_dtype(config.model.dtype, device)
-        parallel = config.parallel
-        kv_heads_per_rank = max(len(shard_range(self.arch.num_key_value_heads, r,
-                                                parallel.tensor_parallel_size))
-                                for r in range(parallel.tensor_parallel_size))
-        bytes_per_token = kv_bytes_per_token(self.arch.num_hidden_layers, kv_heads_per_rank,
-                                             self.arch.head_dim, dtype)
+        worker_kwargs = plan_workers(config, self.arch, model_dir, self.max_model_len)
+        num_blocks, dtype = worker_kwargs["num_blocks"], worker_kwargs["dtype"]
+        self.executor = executor_factory(config, worker_kwargs)
         placed = places_kv_per_rank(config.scheduler.policy)
-        sp_ranks = parallel.sequence_parallel_size if placed else 1
-        num_blocks = plan_num_blocks(config.cache.kv_cache_memory_bytes, config.cache.block_size,
-                                     bytes_per_token, self.max_model_len, num_ranks=sp_ranks)
-        self.executor = executor_factory(config, dict(
-            model_dir=model_dir, arch=self.arch, dtype=dtype, device=device,
-            num_blocks=num_blocks, block_size=config.cache.block_size, seed=config.model.seed,
-            sp_attention=parallel.sp_attention, sp_decode=parallel.sp_decode,
-            csa_levels=parallel.resolved_csa_levels, csa_far_queries=parallel.csa_far_queries,
-            csa_micro_batch=parallel.csa_micro_batch,
-            attention_backend=config.model.attention_backend,
-            quantization=config.model.quantization))
-        predictor = build_predictor(config.scheduler.cost_model, model_dir, parallel,
+        predictor = build_predictor(config.scheduler.cost_model, model_dir, config.parallel,
                                     config.cache.block_size, dtype,
                                     config.scheduler.policy) if placed else None
         self.scheduler = build_scheduler(config, num_blocks, self.max_model_len, predictor)
@@ -72,27 +55,8 @@ class LLMEngine:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request against the model; return its resolved max_tokens. ValueError with a
         user-facing message if it cannot be served."""
-        num_prompt = len(prompt_token_ids)
-        if num_prompt == 0:
-            raise ValueError("The prompt is empty.")
-        vocab = self.arch.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"Token ids must be integers in [0, {vocab}).")
-        room = self.max_model_len - num_prompt
-        if room < 1:
-            raise ValueError(f"This model's maximum context length is {self.max_model_len} "
-                             f"tokens. However, your prompt has {num_prompt} tokens, which "
-                             f"leaves no room for output.")
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise ValueError(f"This model's maximum context length is {self.max_model_len} "
-                             f"tokens. However, you requested {num_prompt + params.max_tokens} "
-                             f"tokens ({num_prompt} in the prompt, {params.max_tokens} for the "
-                             f"completion). Please reduce the prompt or max_tokens.")
-        if not self.scheduler.policy.chunks_prefill and num_prompt > self.scheduler.token_budget:
-            raise ValueError(f"The prompt has {num_prompt} tokens, over the "
-                             f"{self.scheduler.token_budget}-token budget of the "
-                             f"'{self.scheduler.policy.name}' scheduler.")
-        return params.max_tokens if params.max_tokens is not None else room
+        return validate_request(prompt_token_ids, params, self.arch.vocab_size,
+                                self.max_model_len, self.scheduler)
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float | None = None) -> None:
