@@ -94,3 +94,36 @@ def test_logit_bias_and_penalties_steer_output(server):
     penalised = post(server, "/v1/completions", frequency_penalty=2.0, **base)
     assert penalised["choices"][0]["text"] != greedy
     server.wait_idle()
+
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 20},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "colour": {"enum": ["red", "green", "blue"]},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3}},
+    "required": ["name", "age", "colour", "tags"], "additionalProperties": False}
+
+
+def test_json_schema_holds_in_20_of_20_samples(server):
+    import jsonschema
+
+    body = post(server, "/v1/chat/completions", n=20, temperature=1.0, seed=0, max_tokens=200,
+                messages=[{"role": "user", "content": "Describe a person as JSON."}],
+                response_format={"type": "json_schema",
+                                 "json_schema": {"name": "person", "schema": PERSON}})
+    assert len(body["choices"]) == 20
+    for choice in body["choices"]:
+        assert choice["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(choice["message"]["content"]), PERSON)
+    objects = post(server, "/v1/chat/completions", n=4, temperature=1.0, seed=1,
+                   max_tokens=300, messages=[{"role": "user", "content": "Give me JSON."}],
+                   response_format={"type": "json_object"})["choices"]
+    stopped = [c for c in objects if c["finish_reason"] == "stop"]  # seed 1: 3 of the 4
+    assert len(stopped) >= 2
+    assert all(isinstance(json.loads(c["message"]["content"]), dict) for c in stopped)
+    bad = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema",
+                            "json_schema": {"name": "x", "schema": {"type": "nope"}}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+    server.wait_idle()

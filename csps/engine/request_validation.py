@@ -5,6 +5,7 @@ is a ValueError whose message the API returns as it is. No torch."""
 
 from __future__ import annotations
 
+from csps.engine.grammar_spec import validate_structured_outputs
 from csps.request import SamplingParams
 
 
@@ -34,4 +35,6 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_
         if token_id >= vocab_size:
             raise ValueError(f"logit_bias token id {token_id} is out of vocabulary "
                              f"[0, {vocab_size}).")
+    if params.structured_outputs is not None:
+        validate_structured_outputs(params.structured_outputs)
     return params.max_tokens if params.max_tokens is not None else room

@@ -84,9 +84,13 @@ class Sampler:
         p = request.sampling_params
         logits = row_logits.float().cpu()
         if needs_processing(p):
-            logits = apply_logits_processors(logits, p, request.sampling_context)
+            raw = logits
+            logits = apply_logits_processors(raw, p, request.sampling_context)
             if p.structured_outputs is not None:
                 self.grammars.apply_mask(request, logits)
+                if not torch.isfinite(logits).any():  # min_tokens held off the EOS it needs
+                    logits = raw.clone()
+                    self.grammars.apply_mask(request, logits)
         if p.is_greedy:
             token = int(logits.argmax())
         else:

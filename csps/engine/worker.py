@@ -9,6 +9,7 @@ import torch
 
 from csps.contract.csa_config import CsaConfig
 from csps.contract.step import RunnerOutput, SchedulerOutput, Step
+from csps.engine.grammar_book import GrammarBook
 from csps.engine.model_runner import ModelRunner
 from csps.engine.sampler import Sampler
 from csps.engine.step_view import local_output
@@ -67,7 +68,8 @@ class Worker:
             num_kv_heads=self.model.model.layers[0].self_attn.num_kv_heads,  # this TP rank's
             head_dim=arch.head_dim, dtype=TORCH_DTYPES[dtype], device=self.device)
         sp_rank, sp_size = (0, 1) if groups is None else (groups.sp_rank, groups.sp_size)
-        self.runner = ModelRunner(self.model, kv_caches, block_size, self.device, Sampler(seed),
+        sampler = Sampler(seed, grammars=GrammarBook(model_dir, arch.vocab_size))
+        self.runner = ModelRunner(self.model, kv_caches, block_size, self.device, sampler,
                                   sp_rank=sp_rank, sp_size=sp_size)
 
     def execute_step(self, step: Step) -> RunnerOutput:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from csps.engine.errors import EngineDeadError
+from csps.engine.grammar_spec import validate_structured_outputs
 from csps.request import SamplingParams
 from csps.server.errors import APIError, bad_request
 from csps.server.protocol import ChatMessage, SamplingRequest, TokenizeRequest
@@ -144,6 +145,11 @@ def sampling_params(engine: AsyncLLMEngine, body: SamplingRequest, num_prompt_to
     except ValueError as exc:
         raise bad_request(str(exc), param=_param_named(body, str(exc))) from exc
     check_token_ids(engine, list(params.logit_bias or ()), "logit_bias")
+    if params.structured_outputs is not None:
+        try:
+            validate_structured_outputs(params.structured_outputs)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="response_format") from exc
     return params
 
 
