@@ -1,9 +1,11 @@
 """Logprobs on the real weights against transformers' log-softmax (fp32, within 1e-3): the
 sampled tokens' (greedy) and the prompt tokens', on one worker and under SP over 2 workers
-(the prompt's logprobs then come from both ranks' chunks); n independent samples; penalties
-and min_tokens through the engine."""
+(the prompt's logprobs then come from both ranks' chunks; n, penalties and a grammar there
+too); n independent samples; penalties and min_tokens through the engine."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from transformers import LlamaForCausalLM as HFLlamaForCausalLM
 
 from csps import LLM, SamplingParams
 from csps.model.tokenizer import Tokenizer
+from csps.request import StructuredOutputsParams
 from tests.test_engine import assert_no_leak
 
 ATOL = 1e-3
@@ -76,6 +79,17 @@ def test_logprobs_equal_transformers_under_sp(real_model_dir, prompt_ids, hf_log
               kv_cache_memory_bytes=1 << 26, long_prompt_threshold=64)
     try:
         _check(llm.generate([prompt_ids], PARAMS)[0], prompt_ids, hf_logprobs)
+        # the rest of the surface under SP: n, penalties and a grammar, sampled on the leader
+        schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0,
+                                                         "maximum": 999}},
+                  "required": ["a"], "additionalProperties": False}
+        grammar = StructuredOutputsParams(json=json.dumps(schema))
+        out = llm.generate([prompt_ids], SamplingParams(
+            n=2, temperature=1.0, seed=2, max_tokens=64, presence_penalty=0.5,
+            structured_outputs=grammar))[0]
+        for completion in out.outputs:
+            assert completion.finish_reason == "stop"
+            assert isinstance(json.loads(completion.text)["a"], int)
     finally:
         llm.llm_engine.shutdown()
 
