@@ -246,10 +246,12 @@ def compare_mc(csps_samples: list[dict], hf_samples: list[dict]) -> dict:
 def compare_gen(csps_samples: list[dict], hf_samples: list[dict]) -> dict:
     """Per-example equality of the generated texts (after lm-eval's filters)."""
     hf_by_doc = {s["doc_id"]: s for s in hf_samples}
-    rows = [{"doc_id": s["doc_id"], "target": s["target"], "text": s["filtered_resps"][0],
-             "hf_text": hf_by_doc[s["doc_id"]]["filtered_resps"][0]}
+    # the texts quote the essays (not this project's text): only their agreement is kept
+    rows = [{"doc_id": s["doc_id"],
+             "same_text": s["filtered_resps"][0] == hf_by_doc[s["doc_id"]]["filtered_resps"][0],
+             "exact_match": s["filtered_resps"][0].strip() == s["target"].strip()}
             for s in sorted(csps_samples, key=lambda s: s["doc_id"])]
-    return {"num_examples": len(rows), "same_text": sum(r["text"] == r["hf_text"] for r in rows),
+    return {"num_examples": len(rows), "same_text": sum(r["same_text"] for r in rows),
             "examples": rows}
 
 
