@@ -27,6 +27,20 @@ def test_completion(client, engine):
     assert params.ignore_eos and params.include_stop_str_in_output and params.max_tokens == 5
 
 
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty"])
+def test_tiny_positive_values_reach_the_engine_as_1e_6(client, engine, field):
+    """Under 1e-6 the fp32 sampler overflowed (logits / 1e-300 = inf) or masked every token
+    (top_p 5e-324 is 0 in fp32): the request failed with a 500."""
+    for value, expected in [(5e-324, 1e-6), (1e-300, 1e-6), (1e-6, 1e-6), (2e-6, 2e-6)]:
+        response = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1,
+                                                        field: value})
+        assert response.status_code == 200, response.text
+        assert getattr(engine.sampling_params[engine.started_ids[-1]], field) == expected
+    if field == "temperature":  # 0 stays greedy
+        client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, field: 0})
+        assert engine.sampling_params[engine.started_ids[-1]].temperature == 0
+
+
 def test_completion_default_max_tokens_is_16(client, engine):
     body = client.post("/v1/completions", json={"prompt": "Hi", "ignore_eos": True}).json()
     assert body["usage"]["completion_tokens"] == 16
@@ -130,6 +144,14 @@ def test_metrics(client):
                      if line.startswith("csps:generation_tokens_total{"))
     assert float(generated.split()[-1]) >= 2
     assert f'csps:kv_cache_usage_perc{{model_name="{MODEL}"}} 0.25' in text
+
+
+def test_openapi_documents_health_and_metrics_bodies(client):
+    """Both were documented as JSON: schemathesis flagged /health's empty 200 as malformed."""
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "content" not in paths["/health"]["get"]["responses"]["200"]
+    assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    assert client.get("/health").content == b""
 
 
 def test_tokenize_detokenize(client):

@@ -25,6 +25,9 @@ BAD_COMPLETIONS = [  # (json body, status, param, code)
     ({"prompt": "Hi", "max_tokens": 0}, 400, "max_tokens", None),
     ({"prompt": "Hi", "max_tokens": -1}, 400, "max_tokens", None),
     ({"prompt": "Hi", "n": 0}, 400, "n", None),
+    ({"prompt": "Hi", "n": 129}, 400, "n", None),  # n=10**9 queued 10**9 requests
+    ({"prompt": "Hi", "seed": 2**63}, 400, "seed", None),  # was a 500 from manual_seed
+    ({"prompt": "Hi", "seed": -(2**63) - 1}, 400, "seed", None),
     ({"prompt": "Hi", "best_of": 2}, 400, "best_of", "unsupported_parameter"),
     ({"prompt": "Hi", "suffix": "x"}, 400, "suffix", "unsupported_parameter"),
     ({"prompt": "Hi", "logprobs": 21}, 400, "logprobs", None),

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 
 from csps.engine.errors import EngineDeadError, EngineError
 from csps.engine.outputs import RequestOutput
@@ -152,7 +152,8 @@ def create_app(engine: AsyncLLMEngine, api_key: str | None = None) -> FastAPI:
         prompts.check_token_ids(engine, body.tokens, "tokens")
         return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
 
-    @app.get("/health")
+    # response_class: /openapi.json then says what these send (no body; Prometheus text), not JSON
+    @app.get("/health", response_class=Response)
     async def health() -> Response:
         if not engine.is_healthy:
             raise EngineDeadError("The engine has died and cannot serve requests.")
@@ -162,7 +163,7 @@ def create_app(engine: AsyncLLMEngine, api_key: str | None = None) -> FastAPI:
     async def version() -> dict:
         return {"version": server_version()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         try:
             stats = engine.get_stats()

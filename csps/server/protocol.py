@@ -16,6 +16,18 @@ from csps.request import SamplingParams, StructuredOutputsParams
 from csps.server.logprobs import ChatLogprobs, CompletionLogprobs
 from csps.server.response_format import response_format_to_structured_outputs
 
+MAX_N = 128  # OpenAI's limit on `n`; each sample is a request in the engine's queue
+INT64 = (-(2**63), 2**63 - 1)  # torch.Generator.manual_seed's range (vLLM bounds seed so)
+# The sampler works in fp32: far below this, logits / temperature and logits /
+# repetition_penalty overflow to inf (softmax gives NaN) and top_p rounds to 0 (no token kept).
+# Smaller positive values are raised to it, which samples the same in effect: the top token
+# (temperature, top_p), or the seen tokens boosted past all others (repetition_penalty).
+MIN_POSITIVE = 1e-6
+
+
+def _at_least_min_positive(value: float | None) -> float | None:
+    return MIN_POSITIVE if value is not None and 0 < value < MIN_POSITIVE else value
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -29,7 +41,7 @@ class SamplingRequest(BaseModel):
     temperature: float | None = None  # None: 1.0
     top_p: float | None = None  # None: 1.0
     top_k: int | None = None  # None, 0 or -1: disabled
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -37,7 +49,7 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored
-    n: int = 1
+    n: int = Field(default=1, le=MAX_N)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None  # None: 1.0
@@ -71,16 +83,17 @@ class SamplingRequest(BaseModel):
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         """Raises ValueError (from SamplingParams) on out-of-range values."""
         logprobs, prompt_logprobs = self.logprob_params()
+        floor = _at_least_min_positive
         return SamplingParams(
             n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            temperature=1.0 if self.temperature is None else floor(self.temperature),
+            top_p=1.0 if self.top_p is None else floor(self.top_p),
             top_k=-1 if self.top_k in (None, 0) else self.top_k,
             min_p=self.min_p,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=(1.0 if self.repetition_penalty is None
-                                else self.repetition_penalty),
+                                else floor(self.repetition_penalty)),
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
             stop=self.stop or (),
