@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # top alternatives a request may ask for, as vLLM's default
+SAMPLING_EPS = 1e-5  # a temperature below this samples greedily (vLLM's _SAMPLING_EPS)
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.Generator.manual_seed takes
 
 
 class RequestStatus(enum.IntEnum):
@@ -102,6 +104,8 @@ class SamplingParams:
         _check_finite("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_finite("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check_finite("repetition_penalty", self.repetition_penalty, 0.0, 1e4, low_open=True)
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1 (disabled) or >= 0, got {self.top_k}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -127,7 +131,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
 
 @dataclass(eq=False)  # identity: the scheduler looks requests up in its queues

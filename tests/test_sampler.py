@@ -123,3 +123,19 @@ def test_token_logprobs_ranks_and_top():
     a, b = token_logprobs(logits, [0, 0], [3, 0])
     assert a.rank == 3 and [t for t, _ in a.top] == [2, 1, 0] and b.rank == 1 and b.top == ()
     assert sum(math.exp(lp) for _, lp in a.top) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=1e-30), dict(top_p=5e-324),
+                                    dict(repetition_penalty=1e-40, temperature=0.5)])
+def test_tiny_values_still_sample_a_real_token(kwargs):
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    params = SamplingParams(seed=0, **kwargs)
+    context = SamplingContext((2,), prompt_token_ids=(1,)) if "repetition_penalty" in kwargs \
+        else None
+    out = Sampler().sample(logits, _requests(["r"], [params], [context]))
+    assert out.failed == {} and out.sampled["r"] in (1, 2)
+
+
+def test_seed_outside_64_bits_is_refused():
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64)

@@ -72,8 +72,8 @@ class AsyncLLMEngine:
         if not self.is_healthy:
             raise EngineDeadError(f"The engine is not running: {self.dead_reason}")
         self.engine.validate(prompt_token_ids, sampling_params)
-        if self.engine.scheduler.num_waiting + self._commands.qsize() >= \
-                self.engine.config.scheduler.max_waiting_requests:
+        if self.engine.scheduler.num_waiting + self._commands.qsize() + sampling_params.n > \
+                self.engine.config.scheduler.max_waiting_requests:  # n samples, n requests
             raise QueueFullError("The server is busy: the waiting queue is full. Retry later.")
         if self._thread is None:
             await self.start()

@@ -62,7 +62,7 @@ class LLMEngine:
                     params: SamplingParams, arrival_time: float | None = None) -> None:
         """Queue a request; n > 1 queues n child requests reported under `request_id`."""
         max_tokens = self.validate(prompt_token_ids, params)
-        if self.scheduler.num_waiting >= self.config.scheduler.max_waiting_requests:
+        if self.scheduler.num_waiting + params.n > self.config.scheduler.max_waiting_requests:
             raise QueueFullError(f"The server is busy: {self.scheduler.num_waiting} requests "
                                  f"are waiting. Retry later.")
         arrival = time.monotonic() if arrival_time is None else arrival_time

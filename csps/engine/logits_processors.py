@@ -45,6 +45,8 @@ def apply_logits_processors(logits: torch.Tensor, params: SamplingParams,
         picked = logits[seen]
         logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty,
                                    picked * params.repetition_penalty)
+        logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max,
+                                  neginf=float("-inf"))  # a tiny penalty overflows fp32
     if (params.frequency_penalty or params.presence_penalty) and outputs.numel():
         counts = torch.bincount(outputs, minlength=vocab_size)[:vocab_size].to(logits.dtype)
         logits -= params.frequency_penalty * counts

@@ -19,6 +19,8 @@ from csps.engine.logits_processors import apply_logits_processors, apply_min_p, 
 from csps.engine.logprobs import token_logprobs
 from csps.request import SamplingParams
 
+FP32_MAX = torch.finfo(torch.float32).max
+
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Mask logits [V] outside the top-k and the top-p nucleus with -inf."""
@@ -28,7 +30,8 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the first
+        drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+        drop_sorted[0] = False  # the most likely token stays, however small top_p is
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -94,7 +97,9 @@ class Sampler:
         if p.is_greedy:
             token = int(logits.argmax())
         else:
-            logits = apply_min_p(logits / p.temperature, p.min_p)
+            # a tiny temperature or repetition penalty overflows fp32: cap at the largest float
+            logits = (logits / p.temperature).clamp(max=FP32_MAX)
+            logits = apply_min_p(logits, p.min_p)
             probs = torch.softmax(apply_top_k_top_p(logits, p.top_k, p.top_p), dim=-1)
             token = int(torch.multinomial(probs, 1,
                                           generator=self._generator(request.request_id, p)))
