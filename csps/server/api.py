@@ -23,17 +23,19 @@ from csps.server import prompts
 from csps.server.errors import APIError, install_exception_handlers
 from csps.server.metrics import PrometheusStatLogger
 from csps.server.protocol import (
-    ChatCompletionChunk,
     ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from csps.server.protocol_responses import (
+    ChatCompletionChunk,
     ChatCompletionResponse,
     CompletionChoice,
-    CompletionRequest,
     CompletionResponse,
-    DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
     ModelList,
-    TokenizeRequest,
     TokenizeResponse,
     UsageInfo,
 )

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from csps.engine.errors import EngineDeadError, QueueFullError, RequestError
-from csps.server.protocol import ErrorInfo, ErrorResponse
+from csps.server.protocol_responses import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from csps.engine.outputs import CompletionOutput, RequestOutput
 from csps.server.logprobs import chat_logprobs, completion_logprobs
-from csps.server.protocol import (
+from csps.server.protocol import ChatCompletionRequest, CompletionRequest
+from csps.server.protocol_responses import (
     ChatChoice,
-    ChatCompletionRequest,
     ChatMessageOut,
     ChatStreamChoice,
     CompletionChoice,
-    CompletionRequest,
     DeltaMessage,
     UsageInfo,
 )

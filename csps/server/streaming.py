@@ -23,7 +23,7 @@ from csps.engine.outputs import RequestOutput
 from csps.engine.parent_request import merge_output
 from csps.request import SamplingParams
 from csps.server.errors import APIError, ClientDisconnected, bad_request
-from csps.server.protocol import ErrorResponse
+from csps.server.protocol_responses import ErrorResponse
 
 if TYPE_CHECKING:
     from csps.engine.async_engine import AsyncLLMEngine
