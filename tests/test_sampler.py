@@ -139,3 +139,15 @@ def test_tiny_values_still_sample_a_real_token(kwargs):
 def test_seed_outside_64_bits_is_refused():
     with pytest.raises(ValueError, match="seed"):
         SamplingParams(seed=2**64)
+
+
+def test_inverse_cdf_draw_matches_probabilities():
+    from csps.engine.sampler import draw
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([draw(probs, generator) for _ in range(4000)]),
+                            minlength=5).tolist()
+    assert counts[1] == counts[4] == 0  # probability 0 is never drawn
+    for token, p in [(0, 0.5), (2, 0.3), (3, 0.2)]:  # within 4 standard deviations
+        assert abs(counts[token] / 4000 - p) < 4 * (p * (1 - p) / 4000) ** 0.5
