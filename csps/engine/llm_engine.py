@@ -96,7 +96,7 @@ class LLMEngine:
         for request in self.scheduler.abort_requests(self._parents.child_ids(request_ids)):
             state = self._states.pop(request.request_id)
             state.finish_reason = "abort"
-            self._book_finished_outside_step(state, stats)
+            self._book_finished(state, stats)
             outputs.append(state.to_output("", []))
         return self._parents.wrap(outputs)
 
@@ -134,7 +134,7 @@ class LLMEngine:
         stats.num_generation_tokens += len(updates)
         for phase, num_bytes in runner_output.comm_bytes.items():
             stats.comm_bytes[phase] = stats.comm_bytes.get(phase, 0) + num_bytes
-        outputs = [self._fail(request_id, message, now, stats)
+        outputs = [self._fail(request_id, message, stats)
                    for request_id, message in runner_output.failed.items()
                    if request_id in self._states]
         for request_id, entries in runner_output.prompt_logprobs.items():
@@ -151,7 +151,7 @@ class LLMEngine:
             except Exception as exc:  # noqa: BLE001 - a detokenizer or stop-check fault is its own
                 outputs.append(self._fail(request.request_id,
                                           f"detokenizing failed: {type(exc).__name__}: {exc}",
-                                          now, stats))
+                                          stats))
                 continue
             record_token_time(state, now, stats)
             if update.finished and state.finish_reason is None:
@@ -167,34 +167,30 @@ class LLMEngine:
             outputs.append(state.to_output(delta, list(update.new_token_ids)))
         return outputs
 
-    def _fail(self, request_id: str, message: str, now: float,
+    def _fail(self, request_id: str, message: str,
               stats: IterationStats) -> RequestOutput:
         """Finish one request with an error (its own work failed); its KV is freed, the rest of
         the batch goes on."""
-        self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
-        state = self._states.pop(request_id)
-        state.finish_reason = "error"
-        state.metrics.finished_time = now
-        stats.finished.append(finished_stats(state))
         logger.warning("request %s failed: %s", request_id, message)
-        return state.to_output("", [], error=message)
+        return self._finish_with_error(request_id, message, stats)
 
     def fail_all(self, message: str,
                  stats: IterationStats | None = None) -> list[RequestOutput]:
         """Finish every live request with an error (the executor died); with `stats`, each
         is booked there as finished with reason "error"."""
-        outputs = []
-        for request_id in list(self._states):
-            self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
-            state = self._states.pop(request_id)
-            state.finish_reason = "error"
-            self._book_finished_outside_step(state, stats)
-            outputs.append(state.to_output("", [], error=message))
-        return self._parents.wrap(outputs)
+        return self._parents.wrap([self._finish_with_error(request_id, message, stats)
+                                   for request_id in list(self._states)])
 
-    def _book_finished_outside_step(self, state: RequestState,
-                                    stats: IterationStats | None) -> None:
-        """A request finished by an abort or a failure between steps: stamp it and book its
+    def _finish_with_error(self, request_id: str, message: str,
+                           stats: IterationStats | None) -> RequestOutput:
+        self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
+        state = self._states.pop(request_id)
+        state.finish_reason = "error"
+        self._book_finished(state, stats)
+        return state.to_output("", [], error=message)
+
+    def _book_finished(self, state: RequestState, stats: IterationStats | None) -> None:
+        """A request finished by an abort or a failure: stamp it and book its
         FinishedRequestStats (and the engine's load after it) in `stats`, if given."""
         state.metrics.finished_time = time.monotonic()
         if stats is not None:

@@ -31,11 +31,9 @@ class ParentRequest:
     num_finished: int = 0
     child_ids: list[str] = field(default_factory=list)
 
-    def wrap(self, output: RequestOutput, index: int) -> RequestOutput:
-        """A child's output as the parent's."""
+    def wrap(self, output: RequestOutput) -> RequestOutput:
+        """A child's output (its completion already at its index) as the parent's."""
         self.num_finished += output.finished
-        for completion in output.outputs:
-            completion.index = index
         return replace(output, request_id=self.request_id,
                        finished=self.num_finished == self.n)
 
@@ -45,13 +43,13 @@ class ParentBook:
 
     def __init__(self) -> None:
         self._parents: dict[str, ParentRequest] = {}
-        self._children: dict[str, tuple[ParentRequest, int]] = {}
+        self._children: dict[str, ParentRequest] = {}
 
     def add(self, parent_id: str, n: int) -> list[str]:
         parent = ParentRequest(parent_id, n, child_ids=[child_id(parent_id, i) for i in range(n)])
         self._parents[parent_id] = parent
-        for index, request_id in enumerate(parent.child_ids):
-            self._children[request_id] = (parent, index)
+        for request_id in parent.child_ids:
+            self._children[request_id] = parent
         return parent.child_ids
 
     def child_ids(self, request_ids: list[str]) -> list[str]:
@@ -65,12 +63,11 @@ class ParentBook:
     def wrap(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         wrapped = []
         for output in outputs:
-            found = self._children.get(output.request_id)
-            if found is None:
+            parent = self._children.get(output.request_id)
+            if parent is None:
                 wrapped.append(output)
                 continue
-            parent, index = found
-            wrapped.append(parent.wrap(output, index))
+            wrapped.append(parent.wrap(output))
             if output.finished:
                 del self._children[output.request_id]
                 if parent.num_finished == parent.n:

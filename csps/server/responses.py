@@ -46,8 +46,8 @@ class CompletionChoices:
 
     def full(self, prompt_index: int, output: RequestOutput) -> list[CompletionChoice]:
         choices = []
+        prefix = self._prompt_text(output) if self.body.echo else ""
         for c in output.outputs:
-            prefix = self._prompt_text(output) if self.body.echo else ""
             logprobs = None
             if self.body.logprobs is not None:
                 ids, entries = list(c.token_ids), list(c.logprobs or [])
