@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from policy_harness import make_predictor
 
 from csps.config import SchedulerConfig
 from csps.kvcache.block_hash import hash_blocks
@@ -69,11 +70,15 @@ def test_random_allocate_hit_free_evict_keeps_counts_and_contents(seed):
 
 
 def _scheduler(policy: str, sp_size: int, num_blocks: int) -> Scheduler:
+    """sarathi on one pool, sps2 on per-rank pools; "sps2+" with the configurator choosing
+    each long prompt's degree and group (over the uncached part, on ranks holding its prefix)."""
+    predictor = make_predictor(sp_size) if policy == "sps2+" else None
+    policy = policy.rstrip("+")
     config = SchedulerConfig(policy=policy, max_num_batched_tokens=16, long_prompt_threshold=24,
                              sp_prefill_chunk=8, lockstep=False, max_num_seqs=8)
     manager = (DistributedKVCacheManager(sp_size, num_blocks, BLOCK) if policy == "sps2"
                else KVCacheManager(num_blocks * sp_size, BLOCK))
-    return Scheduler(config, manager, 512)
+    return Scheduler(config, manager, 512, predictor)
 
 
 def _run_random(policy: str, sp_size: int, seed: int) -> int:
@@ -106,7 +111,7 @@ def _run_random(policy: str, sp_size: int, seed: int) -> int:
     return sched.num_preemptions
 
 
-CONFIGS = [("sarathi", 1), ("sps2", 2), ("sps2", 4)]
+CONFIGS = [("sarathi", 1), ("sps2", 2), ("sps2", 4), ("sps2+", 4)]
 
 
 @pytest.mark.parametrize("policy,sp_size", CONFIGS)
