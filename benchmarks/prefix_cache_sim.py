@@ -1,0 +1,168 @@
+"""Automatic prefix caching in the simulator (issue 14): simulated 8xA100-80GB (NVLink) serving
+Llama-3-8B-262K on a slice of the Mooncake conversation trace, sarathi and sps2, each with and
+without the prefix cache, through `csps simulate`'s API (the real schedulers and KV books, the
+GPU roofline's time; docs/prefix_caching.md).
+
+    nice -n 10 .venv/bin/python benchmarks/prefix_cache_sim.py \
+        --trace ../shared/data/traces/mooncake_conversation.jsonl
+
+Workload: the trace's first --num-prompts requests at their native lengths (prompt ids shared
+exactly where their hash ids agree: simulator/prompt_tokens.py), arriving at the trace's own
+times x --time-scale (the gaps between a conversation's turns decide whether a turn's prefix
+is cached when the next one comes). Reported: (a) each caching run's hit rate (prefix-cache
+hit tokens / prompt tokens looked up) against the reuse computed from the hash ids alone
+(simulator/trace_reuse.py; also at the cache's granularity: whole 16-token blocks, the last
+prompt token recomputed) and (b) TTFT, TBT (inter-token gaps, pooled) and E2E latency per run.
+Written to --out-dir: summary.json, summary.md, prefix_cache_sim.png, commands.txt, and
+runs/LABEL.json (each a `csps bench serve` result without its per-request ITLs; not
+committed, the simulator being deterministic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from csps.bench.workload import WorkloadConfig, build_workload
+from csps.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from csps.simulator.prompt_tokens import hash_block_tokens
+from csps.simulator.run import SimulationConfig, simulate
+from csps.simulator.trace_reuse import trace_reuse
+
+MODEL, CLUSTER, CONTEXT = "llama-3-8b-262k", "8xA100-80GB-nvlink", 262_144
+# label -> (policy, SP size, replicas, ParallelConfig extras, SchedulerConfig extras, caching);
+# layouts as benchmarks/cluster_study.py's one-node runs
+RUNS = {
+    "sarathi": ("sarathi", 1, 8, {}, {"max_num_batched_tokens": 512}, False),
+    "sarathi+cache": ("sarathi", 1, 8, {}, {"max_num_batched_tokens": 512}, True),
+    "sps2": ("sps2", 8, 1, {"sp_attention": "csa"}, {}, False),
+    "sps2+cache": ("sps2", 8, 1, {"sp_attention": "csa"}, {}, True),
+}
+METRICS = {  # summary key -> result key
+    "ttft_mean_s": "mean_ttft_ms", "ttft_p50_s": "median_ttft_ms", "ttft_p99_s": "p99_ttft_ms",
+    "tbt_mean_s": "mean_itl_ms", "tbt_p99_s": "p99_itl_ms",
+    "e2e_mean_s": "mean_e2el_ms", "e2e_p50_s": "median_e2el_ms", "e2e_p99_s": "p99_e2el_ms"}
+
+
+def sim_config(label: str, block_tokens: int) -> SimulationConfig:
+    policy, sp, replicas, parallel, scheduler, caching = RUNS[label]
+    engine = EngineConfig(cache=CacheConfig(enable_prefix_caching=caching),
+                          scheduler=SchedulerConfig(policy=policy, **scheduler),
+                          parallel=ParallelConfig(sequence_parallel_size=sp, **parallel))
+    return SimulationConfig(engine, model=MODEL, cluster=CLUSTER, num_replicas=replicas,
+                            hash_block_tokens=block_tokens)
+
+
+def run_summary(result: dict) -> dict:
+    row = {key: result[source] / 1e3 for key, source in METRICS.items()}
+    row.update({key: result[key] for key in ("completed", "failed", "prefix_cache_queries",
+                                             "prefix_cache_hits", "prefix_cache_hit_rate")})
+    sim = result["simulator"]
+    row.update(preemptions=sim["num_preemptions"], simulated_s=sim["simulated_s"],
+               wall_s=sim["wall_s"])
+    return row
+
+
+def markdown(rows: dict[str, dict], reuse: dict) -> str:
+    lines = ["| run | hit rate | TTFT mean / P50 / P99 (s) | TBT mean / P99 (ms) "
+             "| E2E mean / P50 / P99 (s) | preemptions |", "|---|---|---|---|---|---|"]
+    for label, r in rows.items():
+        lines.append(
+            f"| {label} | {100 * r['prefix_cache_hit_rate']:.1f}% "
+            f"| {r['ttft_mean_s']:.2f} / {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} "
+            f"| {1e3 * r['tbt_mean_s']:.1f} / {1e3 * r['tbt_p99_s']:.1f} "
+            f"| {r['e2e_mean_s']:.2f} / {r['e2e_p50_s']:.2f} / {r['e2e_p99_s']:.2f} "
+            f"| {r['preemptions']} |")
+    lines.append(f"\nReuse from the hash ids: {100 * reuse['reuse_rate']:.2f}% of prompt tokens "
+                 f"({100 * reuse['cacheable_rate']:.2f}% at the cache's granularity).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: dict[str, dict], reuse: dict, path: Path) -> None:
+    """Hit rates against the trace's reuse; TTFT, TBT and E2E per run (mean bars, P99 ticks)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(rows)
+    colors = [f"C{i}" for i in range(len(labels))]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    axes[0].bar(labels, [100 * rows[k]["prefix_cache_hit_rate"] for k in labels], color=colors)
+    axes[0].axhline(100 * reuse["reuse_rate"], color="black", linestyle="--",
+                    label="reuse from hash ids")
+    axes[0].set(title="prefix-cache hit rate", ylabel="% of prompt tokens")
+    axes[0].legend(fontsize=8)
+    for ax, (name, mean, p99, scale, unit) in zip(axes[1:], [
+            ("TTFT", "ttft_mean_s", "ttft_p99_s", 1, "s"),
+            ("TBT", "tbt_mean_s", "tbt_p99_s", 1e3, "ms"),
+            ("E2E latency", "e2e_mean_s", "e2e_p99_s", 1, "s")], strict=True):
+        ax.bar(labels, [scale * rows[k][mean] for k in labels], color=colors, label="mean")
+        ax.scatter(labels, [scale * rows[k][p99] for k in labels], marker="_", s=400,
+                   color="black", label="P99", zorder=3)
+        ax.set(title=f"{name} (mean bars, P99 marks)", ylabel=unit)
+        ax.set_yscale("log")
+    axes[1].legend(fontsize=8)
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.suptitle(f"simulated {CLUSTER}, {MODEL}, Mooncake conversation "
+                 f"({reuse['num_requests']} requests)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trace", required=True)
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--time-scale", type=float, default=1.5,
+                        help="multiplies the trace's inter-arrival times (1.5: ~2 req/s)")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--out-dir", type=Path,
+                        default=Path("benchmarks/results/prefix_cache_sim"))
+    args = parser.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    with open(args.out_dir / "commands.txt", "a") as log:
+        log.write(f"# {time.strftime('%Y-%m-%d %H:%M')}\n{' '.join(sys.argv)}\n")
+    workload = WorkloadConfig(dataset_name="trace", dataset_path=args.trace,
+                              num_prompts=args.num_prompts, time_scale=args.time_scale,
+                              max_input_len=CONTEXT - 4096)
+    specs = build_workload(workload)
+    block_tokens = hash_block_tokens(workload.length_scale)
+    pairs = [(s.input_len, s.hash_ids) for s in specs]
+    plain, cacheable = trace_reuse(pairs, block_tokens), trace_reuse(pairs, block_tokens, 16)
+    reuse = {**dataclasses.asdict(plain), "reuse_rate": plain.reuse_rate,
+             "cacheable_tokens": cacheable.reused_tokens, "cacheable_rate": cacheable.reuse_rate,
+             "num_requests": len(specs), "hash_block_tokens": block_tokens,
+             "request_rate": len(specs) / specs[-1].arrival_s}
+    print(f"{len(specs)} requests over {specs[-1].arrival_s:.0f} s "
+          f"({reuse['request_rate']:.2f} req/s); reuse from hash ids "
+          f"{100 * plain.reuse_rate:.2f}% ({100 * cacheable.reuse_rate:.2f}% cacheable)",
+          flush=True)
+    rows: dict[str, dict] = {}
+    (args.out_dir / "runs").mkdir(exist_ok=True)
+    for label in args.runs:
+        result = simulate(sim_config(label, block_tokens), specs)
+        result.pop("itls", None)
+        result["config"]["workload"] = dataclasses.asdict(workload)
+        (args.out_dir / "runs" / f"{label}.json").write_text(json.dumps(result) + "\n")
+        rows[label] = run_summary(result)
+        r = rows[label]
+        print(f"{label}: hit rate {100 * r['prefix_cache_hit_rate']:.2f}%, TTFT mean "
+              f"{r['ttft_mean_s']:.2f} s P99 {r['ttft_p99_s']:.2f} s, TBT mean "
+              f"{1e3 * r['tbt_mean_s']:.1f} ms, E2E mean {r['e2e_mean_s']:.2f} s, "
+              f"{r['completed']} done ({r['wall_s']:.0f} s)", flush=True)
+    summary = {"workload": dataclasses.asdict(workload), "model": MODEL, "cluster": CLUSTER,
+               "trace_reuse": reuse, "runs": rows}
+    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (args.out_dir / "summary.md").write_text(markdown(rows, reuse))
+    print(markdown(rows, reuse))
+    plot(rows, reuse, args.out_dir / "prefix_cache_sim.png")
+
+
+if __name__ == "__main__":
+    main()
