@@ -19,6 +19,7 @@ import sys
 
 from csps.bench.workload_args import add_workload_args, workload_config_from_args
 from csps.cli import add_engine_args, config_from_args
+from csps.simulator.routing import ROUTINGS
 from csps.simulator.run import SP_DEGREES
 
 
@@ -43,6 +44,10 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     hw.add_argument("--data-parallel-size", "-dp", dest="num_replicas", type=int, default=1,
                     help="Independent SP x TP replicas, requests routed to the least loaded "
                          "(default: %(default)s).")
+    hw.add_argument("--routing", choices=ROUTINGS, default="least-loaded",
+                    help="Which replica gets a request: the least loaded, or the one sent the "
+                         "longest prefix of its trace hash ids before, whose prefix cache "
+                         "likely holds it (default: %(default)s).")
     hw.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                     help="Fraction of GPU memory for weights and KV (default: %(default)s).")
     hw.add_argument("--iteration-overhead-ms", type=float, default=None,
@@ -107,7 +112,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     config = SimulationConfig(engine, model, args.cluster, args.num_replicas,
                               args.gpu_memory_utilization, overhead, args.sp_degrees,
                               args.use_predictor, args.max_concurrency,
-                              hash_block_tokens(workload.length_scale))
+                              hash_block_tokens(workload.length_scale), args.routing)
     label = args.label or f"sim-{engine.scheduler.policy}"
     if args.capacity:
         return run_capacity(args, config, workload, label)

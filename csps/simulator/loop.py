@@ -3,7 +3,8 @@
 Events are request arrivals and step ends, kept in one heap by time. At each event time the loop
 first ends the steps due (the scheduler books their outputs: one fabricated token per sampling
 request, so a request stops only at its max_tokens or max_model_len), then hands arrivals to a
-replica (an SP x TP group with its own Scheduler; least unfinished requests first), then asks
+replica (an SP x TP group with its own Scheduler; routing.py: least unfinished requests first,
+or by prefix), then asks
 every replica with free instances and work for new steps (`scheduler.schedule_steps()`, the
 engine's call): each is priced by a StepTimer and ends that many seconds later, so every
 instance runs on its own clock and steps on disjoint instances overlap. Only time is simulated;
@@ -26,6 +27,7 @@ from csps.contract.step import SchedulerOutput, Step
 from csps.request import Request, SamplingParams
 from csps.scheduler import RunnerOutput, Scheduler
 from csps.simulator.prompt_tokens import prompt_token_ids
+from csps.simulator.routing import Router
 from csps.simulator.timer import StepCost, StepTimer
 
 STEP_END, ARRIVAL = 0, 1  # at equal times, steps end before new requests arrive
@@ -82,7 +84,8 @@ class Simulator:
     def __init__(self, schedulers: Sequence[Scheduler], timer: StepTimer,
                  max_concurrency: int | None = None,
                  on_request_done: Callable[[RequestRecord], None] | None = None,
-                 hash_block_tokens: int = MOONCAKE_BLOCK_TOKENS) -> None:
+                 hash_block_tokens: int = MOONCAKE_BLOCK_TOKENS,
+                 routing: str = "least-loaded") -> None:
         if not schedulers:
             raise ValueError("need at least one scheduler (replica)")
         if max_concurrency is not None and max_concurrency < 1:
@@ -94,6 +97,7 @@ class Simulator:
         self.max_concurrency = max_concurrency
         self.on_request_done = on_request_done
         self.hash_block_tokens = hash_block_tokens  # prompt tokens per hash id
+        self.router = Router(routing)
         self.stats = [ReplicaStats() for _ in self.schedulers]
         self.clock = 0.0
         self.wall_s = 0.0  # real seconds the last run took
@@ -143,8 +147,7 @@ class Simulator:
             index = self._backlog.popleft()
             record = self._records[index]
             record.send_s = now
-            replica = min(range(len(self.schedulers)), key=lambda i: (
-                self.schedulers[i].num_waiting + self.schedulers[i].num_running, i))
+            replica = self.router.route(record.hash_ids, self.schedulers)
             scheduler = self.schedulers[replica]
             if record.input_len >= scheduler.max_model_len:
                 self._fail(record, now, f"prompt of {record.input_len} tokens does not fit "
