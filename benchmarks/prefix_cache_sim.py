@@ -25,22 +25,46 @@ import dataclasses
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from csps.bench.workload import WorkloadConfig, build_workload
 from csps.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from csps.costmodel.hardware import ClusterSpec
 from csps.simulator.prompt_tokens import hash_block_tokens
 from csps.simulator.run import SimulationConfig, simulate
 from csps.simulator.trace_reuse import trace_reuse
 
 MODEL, CLUSTER, CONTEXT = "llama-3-8b-262k", "8xA100-80GB-nvlink", 262_144
-# label -> (policy, SP size, replicas, ParallelConfig extras, SchedulerConfig extras, caching);
-# layouts as benchmarks/cluster_study.py's one-node runs
+BIG_MEMORY = 8  # the hit-rate check's GPUs: A100-80GB x this much memory, all else the same
+
+
+@dataclass(frozen=True)
+class Run:
+    """One simulated deployment; layouts as benchmarks/cluster_study.py's one-node runs."""
+
+    policy: str
+    sp: int  # SP size of a replica
+    replicas: int
+    caching: bool  # CacheConfig.enable_prefix_caching
+    routing: str = "least-loaded"  # which replica gets a request (simulator/routing.py)
+    big_memory: bool = False  # GPUs with BIG_MEMORY x the memory: a cache that keeps all
+    parallel: dict = field(default_factory=dict)  # ParallelConfig extras
+    scheduler: dict = field(default_factory=dict)  # SchedulerConfig extras
+
+
+_SARATHI = {"max_num_batched_tokens": 512}  # Sarathi-Serve's strict budget
+_CSA = {"sp_attention": "csa"}
 RUNS = {
-    "sarathi": ("sarathi", 1, 8, {}, {"max_num_batched_tokens": 512}, False),
-    "sarathi+cache": ("sarathi", 1, 8, {}, {"max_num_batched_tokens": 512}, True),
-    "sps2": ("sps2", 8, 1, {"sp_attention": "csa"}, {}, False),
-    "sps2+cache": ("sps2", 8, 1, {"sp_attention": "csa"}, {}, True),
+    "sarathi": Run("sarathi", 1, 8, False, scheduler=_SARATHI),
+    "sarathi+cache": Run("sarathi", 1, 8, True, scheduler=_SARATHI),
+    # each replica has its own cache: send a conversation's turns to the one holding it
+    "sarathi+cache+prefix-routing": Run("sarathi", 1, 8, True, "prefix", scheduler=_SARATHI),
+    "sps2": Run("sps2", 8, 1, False, parallel=_CSA),
+    "sps2+cache": Run("sps2", 8, 1, True, parallel=_CSA),
+    # the hit-rate check: a cache that evicts nothing this trace slice reuses (times not A100's)
+    f"sps2+cache+{BIG_MEMORY}x-memory": Run("sps2", 8, 1, True, big_memory=True,
+                                              parallel=_CSA),
 }
 METRICS = {  # summary key -> result key
     "ttft_mean_s": "mean_ttft_ms", "ttft_p50_s": "median_ttft_ms", "ttft_p99_s": "p99_ttft_ms",
@@ -48,13 +72,23 @@ METRICS = {  # summary key -> result key
     "e2e_mean_s": "mean_e2el_ms", "e2e_p50_s": "median_e2el_ms", "e2e_p99_s": "p99_e2el_ms"}
 
 
-def sim_config(label: str, block_tokens: int) -> SimulationConfig:
-    policy, sp, replicas, parallel, scheduler, caching = RUNS[label]
-    engine = EngineConfig(cache=CacheConfig(enable_prefix_caching=caching),
-                          scheduler=SchedulerConfig(policy=policy, **scheduler),
-                          parallel=ParallelConfig(sequence_parallel_size=sp, **parallel))
-    return SimulationConfig(engine, model=MODEL, cluster=CLUSTER, num_replicas=replicas,
-                            hash_block_tokens=block_tokens)
+def big_memory_cluster(out_dir: Path) -> str:
+    """A JSON cluster: CLUSTER with BIG_MEMORY x the GPU memory (the hit-rate check's)."""
+    cluster = ClusterSpec.parse(CLUSTER).to_dict()
+    cluster["gpu"]["memory_bytes"] *= BIG_MEMORY
+    cluster["name"] = f"{CLUSTER}-{BIG_MEMORY}x-memory"
+    path = out_dir / f"{cluster['name']}.json"
+    path.write_text(json.dumps(cluster, indent=1) + "\n")
+    return str(path)
+
+
+def sim_config(run: Run, block_tokens: int, out_dir: Path) -> SimulationConfig:
+    engine = EngineConfig(cache=CacheConfig(enable_prefix_caching=run.caching),
+                          scheduler=SchedulerConfig(policy=run.policy, **run.scheduler),
+                          parallel=ParallelConfig(sequence_parallel_size=run.sp, **run.parallel))
+    cluster = big_memory_cluster(out_dir) if run.big_memory else CLUSTER
+    return SimulationConfig(engine, model=MODEL, cluster=cluster, num_replicas=run.replicas,
+                            hash_block_tokens=block_tokens, routing=run.routing)
 
 
 def run_summary(result: dict) -> dict:
@@ -83,33 +117,39 @@ def markdown(rows: dict[str, dict], reuse: dict) -> str:
 
 
 def plot(rows: dict[str, dict], reuse: dict, path: Path) -> None:
-    """Hit rates against the trace's reuse; TTFT, TBT and E2E per run (mean bars, P99 ticks)."""
+    """Hit rates against the trace's reuse; TTFT, TBT and E2E per run (mean bars, P99 marks;
+    the big-memory check left out). Colour by policy, hatched with the cache on."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def bars(ax, labels: list[str], values: list[float]) -> None:
+        for x, (label, value) in enumerate(zip(labels, values, strict=True)):
+            run = RUNS[label]
+            ax.bar(x, value, color="C0" if run.policy == "sarathi" else "C1",
+                   hatch="//" if run.caching else None, edgecolor="black", linewidth=0.5)
+        ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=7)
+
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.4))
     labels = list(rows)
-    colors = [f"C{i}" for i in range(len(labels))]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
-    axes[0].bar(labels, [100 * rows[k]["prefix_cache_hit_rate"] for k in labels], color=colors)
+    bars(axes[0], labels, [100 * rows[k]["prefix_cache_hit_rate"] for k in labels])
     axes[0].axhline(100 * reuse["reuse_rate"], color="black", linestyle="--",
                     label="reuse from hash ids")
-    axes[0].set(title="prefix-cache hit rate", ylabel="% of prompt tokens")
-    axes[0].legend(fontsize=8)
+    axes[0].set(title="prefix-cache hit rate", ylabel="% of prompt tokens looked up")
+    axes[0].legend(fontsize=7)
+    timed = [k for k in labels if not RUNS[k].big_memory]
     for ax, (name, mean, p99, scale, unit) in zip(axes[1:], [
             ("TTFT", "ttft_mean_s", "ttft_p99_s", 1, "s"),
             ("TBT", "tbt_mean_s", "tbt_p99_s", 1e3, "ms"),
             ("E2E latency", "e2e_mean_s", "e2e_p99_s", 1, "s")], strict=True):
-        ax.bar(labels, [scale * rows[k][mean] for k in labels], color=colors, label="mean")
-        ax.scatter(labels, [scale * rows[k][p99] for k in labels], marker="_", s=400,
-                   color="black", label="P99", zorder=3)
-        ax.set(title=f"{name} (mean bars, P99 marks)", ylabel=unit)
-        ax.set_yscale("log")
-    axes[1].legend(fontsize=8)
-    for ax in axes:
-        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-    fig.suptitle(f"simulated {CLUSTER}, {MODEL}, Mooncake conversation "
-                 f"({reuse['num_requests']} requests)", fontsize=10)
+        bars(ax, timed, [scale * rows[k][mean] for k in timed])
+        ax.scatter(range(len(timed)), [scale * rows[k][p99] for k in timed], marker="_",
+                   s=400, color="black", label="P99", zorder=3)
+        ax.set(title=f"{name}: mean (bars), P99 (marks)", ylabel=unit, yscale="log")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"simulated {CLUSTER}, {MODEL}, Mooncake conversation: first "
+                 f"{reuse['num_requests']} requests, {reuse['request_rate']:.2f} req/s",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -146,7 +186,7 @@ def main() -> None:
     rows: dict[str, dict] = {}
     (args.out_dir / "runs").mkdir(exist_ok=True)
     for label in args.runs:
-        result = simulate(sim_config(label, block_tokens), specs)
+        result = simulate(sim_config(RUNS[label], block_tokens, args.out_dir), specs)
         result.pop("itls", None)
         result["config"]["workload"] = dataclasses.asdict(workload)
         (args.out_dir / "runs" / f"{label}.json").write_text(json.dumps(result) + "\n")
