@@ -54,17 +54,20 @@ class Run:
 
 
 _SARATHI = {"max_num_batched_tokens": 512}  # Sarathi-Serve's strict budget
-_CSA = {"sp_attention": "csa"}
+_DENSE, _CSA = {"sp_attention": "ulysses"}, {"sp_attention": "csa"}
 RUNS = {
     "sarathi": Run("sarathi", 1, 8, False, scheduler=_SARATHI),
     "sarathi+cache": Run("sarathi", 1, 8, True, scheduler=_SARATHI),
     # each replica has its own cache: send a conversation's turns to the one holding it
     "sarathi+cache+prefix-routing": Run("sarathi", 1, 8, True, "prefix", scheduler=_SARATHI),
-    "sps2": Run("sps2", 8, 1, False, parallel=_CSA),
-    "sps2+cache": Run("sps2", 8, 1, True, parallel=_CSA),
+    # dense Ulysses: exact attention, so its KV may serve other requests
+    "sps2": Run("sps2", 8, 1, False, parallel=_DENSE),
+    "sps2+cache": Run("sps2", 8, 1, True, parallel=_DENSE),
+    # CSA's sparse SP prefills compute KV that exact attention would not: never cached
+    "sps2-csa+cache": Run("sps2", 8, 1, True, parallel=_CSA),
     # the hit-rate check: a cache that evicts nothing this trace slice reuses (times not A100's)
     f"sps2+cache+{BIG_MEMORY}x-memory": Run("sps2", 8, 1, True, big_memory=True,
-                                              parallel=_CSA),
+                                              parallel=_DENSE),
 }
 METRICS = {  # summary key -> result key
     "ttft_mean_s": "mean_ttft_ms", "ttft_p50_s": "median_ttft_ms", "ttft_p99_s": "p99_ttft_ms",
@@ -126,7 +129,9 @@ def plot(rows: dict[str, dict], reuse: dict, path: Path) -> None:
     def bars(ax, labels: list[str], values: list[float]) -> None:
         for x, (label, value) in enumerate(zip(labels, values, strict=True)):
             run = RUNS[label]
-            ax.bar(x, value, color="C0" if run.policy == "sarathi" else "C1",
+            color = "C0" if run.policy == "sarathi" else (
+                "C2" if run.parallel.get("sp_attention") == "csa" else "C1")
+            ax.bar(x, value, color=color,
                    hatch="//" if run.caching else None, edgecolor="black", linewidth=0.5)
         ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=7)
 
