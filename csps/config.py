@@ -67,6 +67,9 @@ class CacheConfig:
     block_size: int = field(default=16, metadata=_help("Tokens per KV cache block."))
     kv_cache_memory_bytes: int = field(default=2 << 30, metadata=_help(
         "Memory for the KV cache of each worker, in bytes (suffixes K, M, G accepted)."))
+    enable_prefix_caching: bool = field(default=True, metadata=_help(
+        "Reuse the KV of prompt prefixes already computed (automatic prefix caching, on "
+        "every SP rank); --no-enable-prefix-caching turns it off."))
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

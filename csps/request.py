@@ -148,6 +148,7 @@ class Request:
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens its last admission found in the prefix cache
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -5,6 +5,7 @@ sampled token per do_sample request, and the scheduler's invariants checked afte
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 from csps.config import ParallelConfig, SchedulerConfig
@@ -47,6 +48,12 @@ class FakeCostModel:
                 + self.per_rank * len(active) + self.fixed)
 
 
+
+def distinct_prompt(rid: str, prompt_len: int) -> list[int]:
+    """Token ids no other request's prompt shares (so the prefix cache never hits by chance)."""
+    base = zlib.crc32(rid.encode()) % 100_000 * 10_000
+    return list(range(base + 1, base + prompt_len + 1))
+
 def make_predictor(sp_size: int, cost: FakeCostModel | None = None, **parallel) -> StepPredictor:
     return StepPredictor(cost or FakeCostModel(), SHAPE,
                          ParallelConfig(sequence_parallel_size=sp_size, **parallel), BLOCK)
@@ -62,7 +69,7 @@ def make_scheduler(policy: str, sp_size: int, predictor: StepPredictor | None,
 
 
 def make_request(rid: str, prompt_len: int, max_tokens: int = 4) -> Request:
-    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(ignore_eos=True),
+    return Request(rid, distinct_prompt(rid, prompt_len), SamplingParams(ignore_eos=True),
                    eos_token_id=0, max_tokens=max_tokens)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import zlib
 
 import pytest
 
@@ -15,6 +16,12 @@ BLOCK = 4
 EOS = 0
 
 
+
+def distinct_prompt(rid: str, prompt_len: int) -> list[int]:
+    """Token ids no other request's prompt shares (so the prefix cache never hits by chance)."""
+    base = zlib.crc32(rid.encode()) % 100_000 * 10_000
+    return list(range(base + 1, base + prompt_len + 1))
+
 def make_scheduler(policy="sarathi", budget=8, num_blocks=64, max_num_seqs=16, max_len=256):
     config = SchedulerConfig(policy=policy, max_num_batched_tokens=budget,
                              max_num_seqs=max_num_seqs)
@@ -22,7 +29,7 @@ def make_scheduler(policy="sarathi", budget=8, num_blocks=64, max_num_seqs=16, m
 
 
 def make_request(rid, prompt_len, max_tokens=4, **params):
-    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(**params),
+    return Request(rid, distinct_prompt(rid, prompt_len), SamplingParams(**params),
                    eos_token_id=EOS, max_tokens=max_tokens)
 
 

@@ -20,7 +20,8 @@ def test_completion(client, engine):
     assert body["id"].startswith("cmpl-")
     assert body["choices"] == [{"index": 0, "text": "Hello", "logprobs": None,
                                 "finish_reason": "length", "stop_reason": None}]
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     params = engine.sampling_params[engine.started_ids[-1]]
     assert (params.temperature, params.top_p, params.top_k, params.seed) == (0.5, 0.9, 4, 7)
     assert params.stop == ("xyz",) and params.stop_token_ids == (3,)
@@ -72,7 +73,8 @@ def test_completion_stream(client, include_usage):
         usage_chunk = chunks.pop()
         assert usage_chunk["choices"] == []
         assert usage_chunk["usage"] == {"prompt_tokens": 3, "completion_tokens": 4,
-                                        "total_tokens": 7}
+                                        "total_tokens": 7,
+                                        "prompt_tokens_details": {"cached_tokens": 0}}
     assert len(chunks) == 4  # one per generated token
     assert [c["choices"][0]["text"] for c in chunks] == list("Hell")
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, None, "length"]

@@ -4,6 +4,7 @@ where decode KV lands, and that the books stay consistent under random load."""
 from __future__ import annotations
 
 import random
+import zlib
 
 import pytest
 
@@ -15,6 +16,12 @@ from csps.scheduler import RunnerOutput, Scheduler
 BLOCK = 4
 
 
+
+def distinct_prompt(rid: str, prompt_len: int) -> list[int]:
+    """Token ids no other request's prompt shares (so the prefix cache never hits by chance)."""
+    base = zlib.crc32(rid.encode()) % 100_000 * 10_000
+    return list(range(base + 1, base + prompt_len + 1))
+
 def make_scheduler(sp_size=2, num_blocks=64, threshold=20, budget=8, max_num_seqs=16,
                    max_len=512, hybrid=False):
     config = SchedulerConfig(policy="sps2", max_num_batched_tokens=budget,
@@ -25,7 +32,7 @@ def make_scheduler(sp_size=2, num_blocks=64, threshold=20, budget=8, max_num_seq
 
 
 def make_request(rid, prompt_len, max_tokens=4):
-    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(ignore_eos=True),
+    return Request(rid, distinct_prompt(rid, prompt_len), SamplingParams(ignore_eos=True),
                    eos_token_id=0, max_tokens=max_tokens)
 
 

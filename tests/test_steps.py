@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from policy_harness import make_predictor
+from policy_harness import distinct_prompt, make_predictor
 
 from csps.config import SchedulerConfig
 from csps.kvcache.placement import DistributedKVCacheManager
@@ -29,7 +29,7 @@ def make_scheduler(sp_size=4, num_blocks=64, threshold=32, budget=16, chunk=8, p
 
 
 def make_request(rid, prompt_len, max_tokens=4):
-    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(ignore_eos=True),
+    return Request(rid, distinct_prompt(rid, prompt_len), SamplingParams(ignore_eos=True),
                    eos_token_id=0, max_tokens=max_tokens)
 
 

@@ -59,6 +59,13 @@ class SpAttention:
                                          micro_batch_tokens=tokens))
 
     @property
+    def is_exact(self) -> bool:
+        """True when it computes dense attention exactly (CSA only at stride 1 everywhere, with
+        every far query): the KV it leaves is then what any exact algorithm leaves."""
+        return self.csa is None or (all(stride == 1 for _, stride in self.csa.levels)
+                                    and self.csa.far_queries == "all")
+
+    @property
     def text(self) -> str:
         """e.g. 'ulysses', 'csa 1:1,2:2' (for logs and tables)."""
         return self.algorithm if self.csa is None else f"csa {self.csa.text}"

@@ -107,6 +107,8 @@ class LLMEngine:
     def step(self) -> tuple[list[RequestOutput], IterationStats]:
         now = time.monotonic()
         preemptions_before = self.scheduler.num_preemptions
+        cache = self.scheduler.prefix_cache_stats
+        queries_before, hits_before = cache.queries, cache.hits
         for step in self.scheduler.schedule_steps():
             for scheduled in step.scheduler_output.scheduled_requests:
                 metrics = self._states[scheduled.request_id].metrics
@@ -114,6 +116,8 @@ class LLMEngine:
             self.executor.submit(step)
         stats = IterationStats()
         stats.num_preempted_reqs = self.scheduler.num_preemptions - preemptions_before
+        stats.prefix_cache_queries = cache.queries - queries_before
+        stats.prefix_cache_hits = cache.hits - hits_before
         outputs = []
         for step, runner_output in self.executor.wait_steps():
             outputs += self._parents.wrap(self._book(step, runner_output, stats))
@@ -145,6 +149,7 @@ class LLMEngine:
             state = self._states.get(request.request_id)
             if state is None:
                 continue
+            state.num_cached_tokens = request.num_cached_tokens
             try:
                 state.add_logprobs(runner_output.logprobs.get(request.request_id))
                 delta = state.append(update.new_token_ids[0])

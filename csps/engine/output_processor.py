@@ -38,6 +38,7 @@ class RequestState:
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     prompt_logprobs: dict[int, PositionLogprobs] = field(default_factory=dict)  # by position
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
 
     def add_logprobs(self, entry: TokenLogprobs | None) -> None:
         if entry is not None:
@@ -94,7 +95,7 @@ class RequestState:
             request_id=self.request_id, prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids, outputs=[completion],
             finished=self.finish_reason is not None, metrics=self.metrics, error=error,
-            prompt_logprobs=prompt_logprobs)
+            prompt_logprobs=prompt_logprobs, num_cached_tokens=self.num_cached_tokens)
 
 
 def finished_stats(state: RequestState) -> FinishedRequestStats:

@@ -59,6 +59,7 @@ class RequestOutput:
     error: str | None = None  # set when the request failed inside the engine
     # when asked for: None for the first prompt token, then one entry per prompt token
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    num_cached_tokens: int | None = None  # prompt tokens its KV took from the prefix cache
 
 
 @dataclass
@@ -90,3 +91,5 @@ class IterationStats:
     inter_token_latencies_s: list[float] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)
     comm_bytes: dict[str, int] = field(default_factory=dict)  # phase -> bytes, all workers
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache this step
+    prefix_cache_hits: int = 0  # of them, tokens found cached

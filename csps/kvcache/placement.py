@@ -3,7 +3,10 @@
 No torch. The scheduler-side record of algorithms.md §2.1 and §2.4: a prompt's prefill is split
 into contiguous chunks over the ranks of an SP group, each rank keeping its chunk's KV in its own
 paged pool; decode tokens' KV is then appended on one rank, the least loaded of the group.
-Every range starts on a fresh block, so no block is shared by two ranges or two ranks.
+Every range starts on a fresh block, so no block is shared by two ranges or two ranks; blocks
+are shared between requests only through the prefix cache (prefix_cache.py): a request placed
+with a cached prefix starts with the prefix's ranges, wherever they lie, and its own ranges
+follow from the prefix's end.
 Returns None/False when a request does not fit; misuse (bad arguments) raises ValueError.
 """
 
@@ -11,12 +14,15 @@ from __future__ import annotations
 
 import bisect
 import functools
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from csps.contract.token_range import TokenRange
+from csps.kvcache.block_hash import TokenSource
 from csps.kvcache.block_pool import BlockPool
 from csps.kvcache.kv_cache_manager import cdiv
+from csps.kvcache.prefix_cache import NO_PREFIX, CachedPrefix, PrefixCache
 
 
 def split_prompt(num_tokens: int, sp_size: int, block_size: int) -> list[int]:
@@ -95,11 +101,13 @@ class RequestPlacement:
 class DistributedKVCacheManager:
     """One BlockPool per SP rank plus each request's placement and SP group."""
 
-    def __init__(self, num_ranks: int, num_blocks_per_rank: int, block_size: int) -> None:
+    def __init__(self, num_ranks: int, num_blocks_per_rank: int, block_size: int,
+                 enable_prefix_caching: bool = True) -> None:
         if num_ranks < 1 or block_size < 1:
             raise ValueError(f"bad sizes: num_ranks={num_ranks} block_size={block_size}")
         self.block_size = block_size
         self.pools = [BlockPool(num_blocks_per_rank) for _ in range(num_ranks)]
+        self.prefix_cache = PrefixCache(self.pools, block_size, enable_prefix_caching)
         self._placements: dict[str, RequestPlacement] = {}
         self._groups: dict[str, tuple[int, ...]] = {}
         self._sticky: set[str] = set()  # requests whose decode KV stays put while it fits
@@ -119,32 +127,36 @@ class DistributedKVCacheManager:
         return all(cdiv(n, self.block_size) <= self.pools[r].num_free_blocks
                    for n, r in zip(chunk_lens, ranks, strict=True))
 
+    def find_cached_prefix(self, request: TokenSource, num_tokens: int,
+                           ranks: Sequence[int] | None = None) -> CachedPrefix:
+        """The cached prefix of the request's first num_tokens tokens on `ranks` (default:
+        any); nothing is held until it is placed with it."""
+        return self.prefix_cache.find(request, num_tokens, None if ranks is None else list(ranks))
+
     def allocate_prefill(self, request_id: str, chunk_lens: Sequence[int],
-                         ranks: Sequence[int], sticky: bool = False) -> RequestPlacement | None:
-        """Place chunk_lens[i] on ranks[i] (the SP group, kept for decode); None if any is short.
-        sticky: decode KV stays on the last range's rank while it has room, and moves to the
-        group's least-loaded rank only then (LoongServe's scale-up under memory pressure)."""
+                         ranks: Sequence[int], sticky: bool = False,
+                         prefix: CachedPrefix = NO_PREFIX,
+                         num_prompt_tokens: int = 0) -> RequestPlacement | None:
+        """Place chunk_lens[i] on ranks[i] (the SP group, kept for decode) after the cached
+        `prefix` (held from now; its ranks join the group; num_prompt_tokens counts the query);
+        None if any is short. sticky: decode KV stays on the last range's rank while it has
+        room, and moves to the group's least-loaded rank only then (LoongServe's scale-up
+        under memory pressure)."""
         if request_id in self._placements:
             raise ValueError(f"request {request_id} is already placed")
-        if not self.can_admit(chunk_lens, ranks):
-            return None
-        ranges, start = [], 0
-        for n, r in zip(chunk_lens, ranks, strict=True):
-            if n > 0:
-                blocks = self.pools[r].allocate(cdiv(n, self.block_size))
-                ranges.append(TokenRange(r, start, start + n, tuple(blocks)))
-                start += n
-        self._groups[request_id] = tuple(ranks)
-        if sticky:
-            self._sticky.add(request_id)
-        self._placements[request_id] = RequestPlacement(request_id, ranges)
-        return self._placements[request_id]
+        self.can_admit(chunk_lens, ranks)  # checks the group
+        return self.allocate_ranges(request_id, chunk_lens, ranks, ranks, prefix,
+                                    num_prompt_tokens, sticky)
 
     def allocate_ranges(self, request_id: str, lens: Sequence[int], ranks: Sequence[int],
-                        group: Sequence[int]) -> RequestPlacement | None:
-        """Place a prompt as ranges in position order, lens[i] tokens on ranks[i] (a rank may
-        hold several: a chunked SP prefill's slices), each from a fresh block; `group` is the
-        request's decode group. None (nothing changes) if any rank is short of blocks."""
+                        group: Sequence[int], prefix: CachedPrefix = NO_PREFIX,
+                        num_prompt_tokens: int = 0,
+                        sticky: bool = False) -> RequestPlacement | None:
+        """Place a prompt as ranges in position order: the cached `prefix`'s (held from now),
+        then lens[i] tokens on ranks[i] (a rank may hold several: a chunked SP prefill's
+        slices), each from a fresh block; `group` (with the prefix's ranks) is the request's
+        decode group; num_prompt_tokens counts the prefix-cache query. None (nothing
+        changes) if any rank is short of blocks."""
         if request_id in self._placements:
             raise ValueError(f"request {request_id} is already placed")
         if len(lens) != len(ranks) or not set(ranks) <= set(group) or min(lens, default=0) < 0:
@@ -153,17 +165,32 @@ class DistributedKVCacheManager:
         need = [0] * len(self.pools)
         for n, r in zip(lens, ranks, strict=True):
             need[r] += cdiv(n, self.block_size)
+        for held in prefix.ranges:  # a free cached block leaves the free queue when held
+            need[held.rank] += sum(1 for b in held.block_ids
+                                   if not self.pools[held.rank].ref_count(b))
         if any(need[r] > pool.num_free_blocks for r, pool in enumerate(self.pools)):
             return None
-        ranges, start = [], 0
+        if num_prompt_tokens or prefix.ranges:
+            self.prefix_cache.hold(request_id, prefix, num_prompt_tokens)
+        ranges, start = list(prefix.ranges), prefix.num_tokens
         for n, r in zip(lens, ranks, strict=True):
             if n > 0:
                 blocks = self.pools[r].allocate(cdiv(n, self.block_size))
                 ranges.append(TokenRange(r, start, start + n, tuple(blocks)))
                 start += n
-        self._groups[request_id] = tuple(group)
+        self._groups[request_id] = tuple(sorted(set(group) | set(prefix.ranks))) \
+            if prefix.ranges else tuple(group)
+        if sticky:
+            self._sticky.add(request_id)
         self._placements[request_id] = RequestPlacement(request_id, ranges)
         return self._placements[request_id]
+
+    def cache_computed(self, request: TokenSource, num_computed_tokens: int) -> None:
+        """Register the request's full blocks among its first num_computed_tokens tokens on
+        the ranks holding them."""
+        placement = self._placements.get(request.request_id)
+        if placement is not None:
+            self.prefix_cache.register(request, placement.ranges, num_computed_tokens)
 
     def append_slots(self, request_id: str, num_new_tokens: int) -> TokenRange | None:
         """Make room for num_new_tokens more tokens; the range holding the newest one, or None.
@@ -232,8 +259,9 @@ class DistributedKVCacheManager:
         """Return all the request's blocks on every rank (a no-op for an unknown request)."""
         self._groups.pop(request_id, None)
         self._sticky.discard(request_id)
-        for r in getattr(self._placements.pop(request_id, None), "ranges", ()):
-            self.pools[r.rank].free(list(r.block_ids))
+        self.prefix_cache.forget(request_id)
+        for r in reversed(getattr(self._placements.pop(request_id, None), "ranges", ())):
+            self.pools[r.rank].free(reversed(r.block_ids))  # its tail is evicted first
 
     def usage_per_rank(self) -> list[float]:
         return [pool.usage for pool in self.pools]
@@ -257,20 +285,23 @@ class DistributedKVCacheManager:
         return slots
 
     def check_invariants(self) -> None:
-        """Raise AssertionError if any pool or placement is inconsistent."""
-        owned: list[set[int]] = [set() for _ in self.pools]
+        """Raise AssertionError if any pool or placement is inconsistent: every block's
+        reference count is the number of live requests holding it."""
+        held: list[Counter[int]] = [Counter() for _ in self.pools]
         for rid, placement in self._placements.items():
-            pos = 0
+            pos, mine = 0, [set() for _ in self.pools]
             for r in placement.ranges:
                 if r.start != pos or r.end <= r.start or r.rank not in self._groups[rid]:
                     raise AssertionError(f"{rid}: bad range {r}")
                 if len(r.block_ids) != cdiv(r.num_tokens, self.block_size):
                     raise AssertionError(f"{rid}: range {r} has the wrong number of blocks")
-                if owned[r.rank] & set(r.block_ids) or len(set(r.block_ids)) != len(r.block_ids):
-                    raise AssertionError(f"{rid}: a block on rank {r.rank} is owned twice")
-                owned[r.rank].update(r.block_ids)
+                if mine[r.rank] & set(r.block_ids) or len(set(r.block_ids)) != len(r.block_ids):
+                    raise AssertionError(f"{rid}: a block on rank {r.rank} is held twice")
+                mine[r.rank].update(r.block_ids)
+                held[r.rank].update(r.block_ids)
                 pos = r.end
-        for pool, blocks in zip(self.pools, owned, strict=True):
+        for pool, blocks in zip(self.pools, held, strict=True):
             pool.check_invariants()
-            if blocks != pool.used_block_ids():
-                raise AssertionError("used blocks are not exactly the live requests' blocks")
+            if set(blocks) != pool.used_block_ids() or any(
+                    pool.ref_count(b) != n for b, n in blocks.items()):
+                raise AssertionError("reference counts are not the live requests' blocks")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from csps.config import SchedulerConfig
     from csps.kvcache.placement import DistributedKVCacheManager
+    from csps.kvcache.prefix_cache import CachedPrefix
     from csps.request import Request
     from csps.scheduler.batch import BatchBuilder
     from csps.scheduler.predictor import StepPredictor
@@ -53,6 +54,7 @@ class SchedulerBooks(Protocol):
 
     # ---- SP placement ----------------------------------------------------------------------
     def sp_prefill_plan(self, request_id: str) -> SpPrefillSchedule | None: ...
+    def cached_prefix(self, request: Request) -> CachedPrefix: ...  # on any rank, not held
     def leader_of(self, request_id: str) -> int: ...
     def set_leader(self, request_id: str, rank: int) -> None: ...
     def least_busy_leader(self, ranks: list[int]) -> int: ...

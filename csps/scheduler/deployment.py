@@ -37,10 +37,11 @@ def build_scheduler(config: EngineConfig, num_blocks: int, max_model_len: int,
     config's --sp-prefill-degrees (empty: the policy's default)."""
     parallel, block_size = config.parallel, config.cache.block_size
     sp_size = parallel.sequence_parallel_size
+    caching = config.cache.enable_prefix_caching
     if places_kv_per_rank(config.scheduler.policy):
-        manager = DistributedKVCacheManager(sp_size, num_blocks, block_size)
+        manager = DistributedKVCacheManager(sp_size, num_blocks, block_size, caching)
     else:
-        manager = KVCacheManager(num_blocks, block_size)
+        manager = KVCacheManager(num_blocks, block_size, caching)
     degrees = allowed_sp_degrees or config.scheduler.allowed_sp_degrees or None
     return Scheduler(config.scheduler, manager, max_model_len, predictor, degrees,
                      num_instances=sp_size, sp_attention=parallel.sp_attention_choice)

@@ -80,9 +80,20 @@ class InstanceView:
         return True
 
     def admit_local(self, request: Request, batch: BatchBuilder) -> bool:
-        """The waiting head onto the instance of this view with the most free blocks."""
-        pools = self.scheduler.kv_cache_manager.pools
+        """The waiting head onto the instance holding its cached prefix, else the one of this
+        view with the most free blocks. A head whose prefix lies on an instance outside the
+        view waits for it (False) while that instance has room for the rest of its prompt."""
+        scheduler = self.scheduler
+        pools, block_size = scheduler.kv_cache_manager.pools, scheduler.kv_cache_manager.block_size
         rank = max(self.instances, key=lambda r: (pools[r].num_free_blocks, -r))
+        prefix = scheduler.cached_prefix(request)
+        if len(prefix.ranks) == 1:
+            holder = prefix.ranks[0]
+            rest = -(-(request.num_tokens - prefix.num_tokens) // block_size)
+            if holder in self.instances:
+                rank = holder
+            elif pools[holder].num_free_blocks >= rest:
+                return False
         if not self.scheduler.admit_local(request, batch, rank=rank):
             return False
         self.running.append(request)

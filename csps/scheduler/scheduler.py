@@ -15,6 +15,7 @@ from csps.contract.sp_attention import SpAttention
 from csps.contract.step import RunnerOutput, ScheduledRequest, SchedulerOutput
 from csps.kvcache.kv_cache_manager import KVCacheManager
 from csps.kvcache.placement import DistributedKVCacheManager
+from csps.kvcache.prefix_cache import PrefixCacheStats
 from csps.request import Request, RequestStatus
 from csps.scheduler.batch import BatchBuilder
 from csps.scheduler.policies import make_policy
@@ -143,15 +144,31 @@ class Scheduler(SequenceParallelBooks, StepBooks):
         return True
 
     def admit(self, request: Request, batch: BatchBuilder, chunked: bool) -> bool:
-        """Move the head of the waiting queue to running, reserving KV for all its known tokens."""
-        if not chunked and request.num_tokens > batch.token_budget:
+        """Move the head of the waiting queue to running, reserving KV for all its known tokens
+        and starting from its cached prefix (its first uncached token is computed first)."""
+        manager = self.kv_cache_manager
+        prefix = manager.find_cached_prefix(request, request.num_tokens)
+        if not chunked and request.num_tokens - prefix.num_tokens > batch.token_budget:
             return False
-        if not self.kv_cache_manager.allocate_slots(request.request_id, request.num_tokens):
+        if not manager.allocate_slots(request.request_id, request.num_tokens, prefix,
+                                      num_prompt_tokens=request.num_tokens):
             return False
         self.waiting.popleft()
         self.running.append(request)
         request.status = RequestStatus.RUNNING
+        self._start_from(request, prefix.num_tokens)
         return self.schedule_prefill(request, batch, chunked)
+
+    def _start_from(self, request: Request, num_cached_tokens: int) -> None:
+        """An admitted request's KV holds its cached prefix: computing starts after it."""
+        request.num_computed_tokens = num_cached_tokens
+        if not request.num_preemptions:  # vLLM reports the first admission's hit
+            request.num_cached_tokens = num_cached_tokens
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prompt tokens looked up in and found in the prefix cache since start."""
+        return self.kv_cache_manager.prefix_cache.stats
 
     def preempt(self, request: Request, batch: BatchBuilder) -> None:
         """Preempt by recompute: free the KV and requeue at the front of the waiting queue."""
@@ -222,6 +239,7 @@ class Scheduler(SequenceParallelBooks, StepBooks):
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted or preempted while the iteration ran
             request.num_computed_tokens += scheduled.num_scheduled_tokens
+            self.kv_cache_manager.cache_computed(request, request.num_computed_tokens)
             if scheduled.do_sample:  # its prompt (or last slice) is done
                 self._sp_prefills.pop(request.request_id, None)
             token_id = runner_output.sampled_token_ids.get(scheduled.request_id)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from csps.contract.sp_attention import SpAttention
 from csps.kvcache.kv_cache_manager import cdiv
 from csps.kvcache.placement import DistributedKVCacheManager, TokenRange, split_prompt
+from csps.kvcache.prefix_cache import NO_PREFIX, CachedPrefix
 from csps.request import RequestStatus
 
 if TYPE_CHECKING:
@@ -34,10 +35,11 @@ class SpPrefillSchedule:
     # A chunked SP prefill: per slice, in prompt order, its chunk length per SP rank (same
     # indexing as chunk_lens). Empty: one slice, chunk_lens.
     slices: tuple[tuple[int, ...], ...] = ()
+    start: int = 0  # the prompt position of its first slice: its cached prefix's length
 
     def slice_at(self, start: int) -> tuple[int, ...]:
         """The chunk lengths of the slice beginning at prompt position `start`."""
-        pos = 0
+        pos = self.start
         for lens in self.slices or (self.chunk_lens,):
             if pos == start:
                 return lens
@@ -96,31 +98,42 @@ class SequenceParallelBooks:
         not the prefill's hidden state). False (nothing changes) if the KV does not fit.
         chunk > 0 (KV where computed): a chunked SP prefill of slices of `chunk` tokens per
         rank (slice_prompt), its first slice scheduled now, the rest in later steps."""
+        manager = self.kv_cache_manager
+        prefix = NO_PREFIX if plan is not None and plan.kv_lens else self.cached_prefix(request)
+        allowed = set(range(self.sp_size))  # where a prefix may lie: the plan's group
         if plan is None:
-            plan = SpPrefillSchedule(tuple(split_prompt(request.num_tokens, self.sp_size,
-                                                    self.kv_cache_manager.block_size)))
-            if min(plan.chunk_lens) < 1:
-                return False
-        if sum(plan.chunk_lens) != request.num_tokens or (alone and not batch.is_empty) or (
-                not alone and not chunk and request.num_tokens > batch.token_budget):
+            plan = SpPrefillSchedule(tuple(split_prompt(request.num_tokens - prefix.num_tokens,
+                                                    self.sp_size, manager.block_size)))
+            if min(plan.chunk_lens) < 1 and not prefix.ranges:
+                return False  # NOTE: a short rest after a prefix may leave ranks idle
+        else:
+            allowed = {r for r, n in enumerate(plan.chunk_lens) if n}
+        group = [r for r, n in enumerate(plan.chunk_lens) if n]
+        if not set(prefix.ranks) <= allowed or (
+                sum(plan.chunk_lens) != request.num_tokens - prefix.num_tokens):
+            prefix = NO_PREFIX  # a plan made for the whole prompt, or a prefix elsewhere
+        suffix = request.num_tokens - prefix.num_tokens
+        if sum(plan.chunk_lens) != suffix or (alone and not batch.is_empty) or (
+                not alone and not chunk and suffix > batch.token_budget):
             return False
         kv_lens, kv_ranks = plan.kv_lens or plan.chunk_lens, plan.kv_ranks or range(self.sp_size)
-        manager = self.kv_cache_manager
+        plan = replace(plan, start=prefix.num_tokens)
         if chunk > 0 and not plan.kv_lens:
-            group = [r for r, n in enumerate(plan.chunk_lens) if n]
-            plan = replace(plan, slices=slice_prompt(request.num_tokens, group, self.sp_size,
-                                                     chunk, manager.block_size))
+            plan = replace(plan, slices=slice_prompt(suffix, group, self.sp_size, chunk,
+                                                     manager.block_size))
             lens = [n for row in plan.slices for n in row if n]
             ranks = [r for row in plan.slices for r, n in enumerate(row) if n]
-            if manager.allocate_ranges(request.request_id, lens, ranks, group) \
-                    is None:
+            if manager.allocate_ranges(request.request_id, lens, ranks, group, prefix,
+                                       request.num_tokens) is None:
                 return False
-        elif manager.allocate_prefill(request.request_id, kv_lens, kv_ranks) is None:
+        elif manager.allocate_prefill(request.request_id, kv_lens, kv_ranks, prefix=prefix,
+                                      num_prompt_tokens=request.num_tokens) is None:
             return False
         holders = [r for n, r in zip(kv_lens, kv_ranks, strict=True) if n]
         self._start(request, leader=self.least_busy_leader(holders))
+        self._start_from(request, prefix.num_tokens)
         self._sp_prefills[request.request_id] = plan
-        num_tokens = sum(plan.slice_at(0))
+        num_tokens = sum(plan.slice_at(prefix.num_tokens))
         if alone:
             batch.token_budget = num_tokens  # NOTE: an SP prefill is a whole iteration
         elif num_tokens > batch.token_budget:
@@ -167,14 +180,22 @@ class SequenceParallelBooks:
         manager = self.kv_cache_manager
         if rank is None:
             rank = max(range(self.sp_size), key=lambda r: (manager.pools[r].num_free_blocks, -r))
-        if not chunked and request.num_tokens > batch.token_budget:
+        prefix = manager.find_cached_prefix(request, request.num_tokens, ranks=[rank])
+        suffix = request.num_tokens - prefix.num_tokens
+        if not chunked and suffix > batch.token_budget:
             return False
         others = [r for r in range(self.sp_size) if r != rank] if spill else []
-        lens, ranks = [request.num_tokens] + [0] * len(others), [rank] + others
-        if manager.allocate_prefill(request.request_id, lens, ranks, sticky=spill) is None:
+        lens, ranks = [suffix] + [0] * len(others), [rank] + others
+        if manager.allocate_prefill(request.request_id, lens, ranks, sticky=spill,
+                                    prefix=prefix, num_prompt_tokens=request.num_tokens) is None:
             return False
         self._start(request, leader=rank)
+        self._start_from(request, prefix.num_tokens)
         return self.schedule_prefill(request, batch, chunked=chunked)
+
+    def cached_prefix(self, request: Request) -> CachedPrefix:
+        """The request's longest cached prefix on any rank (nothing held)."""
+        return self.kv_cache_manager.find_cached_prefix(request, request.num_tokens)
 
     def _start(self, request: Request, leader: int) -> None:
         self.waiting.popleft()
@@ -200,6 +221,8 @@ class SequenceParallelBooks:
             group_size = sum(1 for n in lens if n)
             scheduled.sp_attention = (plan.sp_attention or self.sp_attention).for_group(
                 group_size)
+            if not scheduled.sp_attention.is_exact:  # its KV is not exact attention's
+                self.kv_cache_manager.prefix_cache.mark_uncacheable(scheduled.request_id)
         elif len(placement.ranks) == 1:  # all on the leader: a plain block table there
             scheduled.block_ids = [b for r in placement.ranges for b in r.block_ids]
 

@@ -108,10 +108,18 @@ class Sps2Policy:
         return False  # an SP prefill ends the iteration's admissions
 
     def _goes_sp(self, scheduler: SchedulerBooks, request: Request) -> bool:
-        """Long enough for an SP prefill. NOTE: a prompt one rank cannot hold goes SP whatever
-        the threshold."""
+        """Its uncached part long enough for an SP prefill, or its cached prefix spread over
+        ranks (the rest then prefills over the group, attending to it where it lies). NOTE: a
+        prompt one rank cannot hold goes SP whatever the threshold."""
+        if scheduler.sp_size < 2:
+            return False
+        prefix = scheduler.cached_prefix(request)
+        if len(prefix.ranks) > 1:
+            return True
         threshold = min(self.long_prompt_threshold, scheduler.rank_capacity_tokens + 1)
-        return scheduler.sp_size > 1 and request.num_tokens >= max(threshold, scheduler.sp_size)
+        if request.num_tokens > scheduler.rank_capacity_tokens:
+            return True
+        return request.num_tokens - prefix.num_tokens >= max(threshold, scheduler.sp_size)
 
     # ---- per-instance steps ------------------------------------------------------------------
     def schedule_step(self, view: InstanceView, batch: BatchBuilder) -> None:

@@ -88,6 +88,10 @@ class PrometheusStatLogger:
         self.generation_tokens = counter("generation_tokens_total", "Tokens generated.")
         self.num_preemptions = counter("num_preemptions_total",
                                        "Requests preempted (KV freed, to be recomputed).")
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter(
+            "prefix_cache_hits_total", "Prompt tokens found in the prefix cache.")
         self.request_success = Counter(PREFIX + "request_success_total",
                                        "Finished requests by finish reason.",
                                        ["model_name", "finished_reason"], registry=self.registry)
@@ -113,6 +117,8 @@ class PrometheusStatLogger:
         self.prompt_tokens.inc(stats.num_prompt_tokens)
         self.generation_tokens.inc(stats.num_generation_tokens)
         self.num_preemptions.inc(stats.num_preempted_reqs)
+        self.prefix_cache_queries.inc(stats.prefix_cache_queries)
+        self.prefix_cache_hits.inc(stats.prefix_cache_hits)
         for ttft in stats.ttfts_s:
             self.ttft.observe(ttft)
         for itl in stats.inter_token_latencies_s:

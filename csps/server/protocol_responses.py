@@ -12,10 +12,15 @@ from pydantic import BaseModel, Field, model_serializer
 from csps.server.logprobs import ChatLogprobs, CompletionLogprobs
 
 
+class PromptTokenUsageInfo(BaseModel):
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokenUsageInfo | None = None
 
 
 def _now() -> int:

@@ -17,6 +17,7 @@ from csps.server.protocol_responses import (
     ChatStreamChoice,
     CompletionChoice,
     DeltaMessage,
+    PromptTokenUsageInfo,
     UsageInfo,
 )
 
@@ -24,8 +25,10 @@ from csps.server.protocol_responses import (
 def usage(finals: list[RequestOutput]) -> UsageInfo:
     prompt = sum(len(o.prompt_token_ids) for o in finals)
     completion = sum(len(c.token_ids) for o in finals for c in o.outputs)
+    cached = sum(o.num_cached_tokens or 0 for o in finals)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion)
+                     total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokenUsageInfo(cached_tokens=cached))
 
 
 def _delta_entries(c: CompletionOutput) -> list:

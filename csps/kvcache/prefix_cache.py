@@ -1,0 +1,129 @@
+"""The prefix cache over one or several ranks' BlockPools: lookup, hits, registration. No torch.
+
+Each rank's BlockPool maps block hashes to its cached blocks; this module reads them together.
+A request's cached prefix is the longest run of its block hashes, from position 0, each found on
+some rank (the rank of the block before it preferred, so a prefix stays in few ranges); it stops
+before the prompt's last token, which is always recomputed for its logits (vLLM's rule). The
+KV of a computed full block is registered on the rank that holds it once it is computed, unless
+the request's KV is lossy (`mark_uncacheable`). The managers (kv_cache_manager.py,
+placement.py) own the block tables; this class owns the hashes and the hit/query counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from csps.contract.token_range import TokenRange
+from csps.kvcache.block_hash import BlockHashBook, TokenSource
+from csps.kvcache.block_pool import BlockPool
+
+
+@dataclass(frozen=True)
+class CachedPrefix:
+    """A request's cached prefix: block-aligned ranges tiling [0, num_tokens), in order."""
+
+    ranges: tuple[TokenRange, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.ranges[-1].end if self.ranges else 0
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(sorted({r.rank for r in self.ranges}))
+
+    def block_ids_on(self, rank: int) -> list[int]:
+        return [b for r in self.ranges if r.rank == rank for b in r.block_ids]
+
+
+NO_PREFIX = CachedPrefix()
+
+
+@dataclass
+class PrefixCacheStats:
+    """Cumulative prompt tokens looked up and found (vLLM's prefix_cache_queries / hits)."""
+
+    queries: int = 0
+    hits: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+class PrefixCache:
+    def __init__(self, pools: list[BlockPool], block_size: int, enabled: bool = True) -> None:
+        self.pools = pools
+        self.block_size = block_size
+        self.enabled = enabled
+        self.stats = PrefixCacheStats()
+        self._hashes = BlockHashBook(block_size)
+        self._num_registered: dict[str, int] = {}  # request -> leading blocks registered
+        self._uncacheable: set[str] = set()
+
+    def find(self, request: TokenSource, num_tokens: int, ranks: list[int] | None = None
+             ) -> CachedPrefix:
+        """The longest cached prefix of the request's first num_tokens tokens, short of the
+        last one, on `ranks` (default: any rank). Reads only: nothing is held yet."""
+        if not self.enabled or num_tokens < 2:
+            return NO_PREFIX
+        ranks = list(range(len(self.pools))) if ranks is None else ranks
+        ranges: list[TokenRange] = []
+        blocks: list[int] = []
+        rank, start = -1, 0
+        for j, block_hash in enumerate(self._hashes.hashes(request, num_tokens - 1)):
+            order = [rank] + [r for r in ranks if r != rank] if rank in ranks else ranks
+            found = next(((r, b) for r in order
+                          if (b := self.pools[r].cached_block(block_hash)) is not None), None)
+            if found is None:
+                break
+            if found[0] != rank and blocks:
+                ranges.append(TokenRange(rank, start, j * self.block_size, tuple(blocks)))
+                start, blocks = j * self.block_size, []
+            rank = found[0]
+            blocks.append(found[1])
+        if blocks:
+            ranges.append(TokenRange(rank, start, start + len(blocks) * self.block_size,
+                                     tuple(blocks)))
+        return CachedPrefix(tuple(ranges))
+
+    def hold(self, request_id: str, prefix: CachedPrefix, num_prompt_tokens: int) -> None:
+        """Take references to a prefix found for an admitted request, and count the query."""
+        for r in prefix.ranges:
+            self.pools[r.rank].touch(r.block_ids)
+        self._num_registered[request_id] = prefix.num_tokens // self.block_size
+        if self.enabled:
+            self.stats.queries += num_prompt_tokens
+            self.stats.hits += prefix.num_tokens
+
+    def mark_uncacheable(self, request_id: str) -> None:
+        """The request's KV is not what exact attention computes (CSA with sparsity): none of
+        its blocks may serve another request."""
+        self._uncacheable.add(request_id)
+
+    def register(self, request: TokenSource, ranges: tuple[TokenRange, ...],
+                 num_computed_tokens: int) -> None:
+        """Register the request's full blocks computed so far (ranges: where its KV lives).
+        Only blocks of block-aligned ranges are whole blocks of the hash chain."""
+        rid = request.request_id
+        if not self.enabled or rid in self._uncacheable:
+            return
+        done, bs = self._num_registered.get(rid, 0), self.block_size
+        want = num_computed_tokens // bs
+        if want <= done:
+            return
+        hashes = self._hashes.hashes(request, want * bs)
+        for r in ranges:
+            if r.start % bs or r.start >= want * bs:
+                continue
+            first = max(done, r.start // bs)
+            last = min(want, r.start // bs + len(r.block_ids), r.end // bs)
+            for j in range(first, last):
+                self.pools[r.rank].cache_block(r.block_ids[j - r.start // bs], hashes[j])
+        self._num_registered[rid] = want
+
+    def forget(self, request_id: str) -> None:
+        """The request's blocks were freed (finished or preempted)."""
+        self._hashes.forget(request_id)
+        self._num_registered.pop(request_id, None)
+        self._uncacheable.discard(request_id)
