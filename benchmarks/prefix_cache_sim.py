@@ -49,6 +49,7 @@ class Run:
     caching: bool  # CacheConfig.enable_prefix_caching
     routing: str = "least-loaded"  # which replica gets a request (simulator/routing.py)
     big_memory: bool = False  # GPUs with BIG_MEMORY x the memory: a cache that keeps all
+    predictor: bool = True  # False: sps2 without its configurator (the threshold rule)
     parallel: dict = field(default_factory=dict)  # ParallelConfig extras
     scheduler: dict = field(default_factory=dict)  # SchedulerConfig extras
 
@@ -63,12 +64,16 @@ RUNS = {
     # dense Ulysses: exact attention, so its KV may serve other requests
     "sps2": Run("sps2", 8, 1, False, parallel=_DENSE),
     "sps2+cache": Run("sps2", 8, 1, True, parallel=_DENSE),
+    # without the configurator: every long prompt over all 8 ranks (sp_books' own plan)
+    "sps2-threshold": Run("sps2", 8, 1, False, parallel=_DENSE, predictor=False),
+    "sps2-threshold+cache": Run("sps2", 8, 1, True, parallel=_DENSE, predictor=False),
+    # the hit-rate check: a cache that evicts nothing this trace slice reuses (times not A100's)
+    f"sps2-threshold+cache+{BIG_MEMORY}x-memory": Run(
+        "sps2", 8, 1, True, big_memory=True, parallel=_DENSE, predictor=False),
     # CSA's sparse SP prefills compute KV that exact attention would not: never cached
     "sps2-csa+cache": Run("sps2", 8, 1, True, parallel=_CSA),
-    # the hit-rate check: a cache that evicts nothing this trace slice reuses (times not A100's)
-    f"sps2+cache+{BIG_MEMORY}x-memory": Run("sps2", 8, 1, True, big_memory=True,
-                                              parallel=_DENSE),
 }
+DEFAULT_RUNS = [label for label in RUNS if label != "sps2-csa+cache"]
 METRICS = {  # summary key -> result key
     "ttft_mean_s": "mean_ttft_ms", "ttft_p50_s": "median_ttft_ms", "ttft_p99_s": "p99_ttft_ms",
     "tbt_mean_s": "mean_itl_ms", "tbt_p99_s": "p99_itl_ms",
@@ -91,7 +96,8 @@ def sim_config(run: Run, block_tokens: int, out_dir: Path) -> SimulationConfig:
                           parallel=ParallelConfig(sequence_parallel_size=run.sp, **run.parallel))
     cluster = big_memory_cluster(out_dir) if run.big_memory else CLUSTER
     return SimulationConfig(engine, model=MODEL, cluster=cluster, num_replicas=run.replicas,
-                            hash_block_tokens=block_tokens, routing=run.routing)
+                            use_predictor=run.predictor, hash_block_tokens=block_tokens,
+                            routing=run.routing)
 
 
 def run_summary(result: dict) -> dict:
@@ -120,22 +126,23 @@ def markdown(rows: dict[str, dict], reuse: dict) -> str:
 
 
 def plot(rows: dict[str, dict], reuse: dict, path: Path) -> None:
-    """Hit rates against the trace's reuse; TTFT, TBT and E2E per run (mean bars, P99 marks;
-    the big-memory check left out). Colour by policy, hatched with the cache on."""
+    """Hit rates against the trace's reuse; TTFT, TBT and E2E per run (mean bars, P50 lighter
+    beside them; P99s are in summary.md; the big-memory check left out). Colour by policy,
+    hatched with the cache on."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def bars(ax, labels: list[str], values: list[float]) -> None:
+    def bars(ax, labels: list[str], values: list[float], offset: float = 0.0,
+             width: float = 0.8, alpha: float = 1.0) -> None:
         for x, (label, value) in enumerate(zip(labels, values, strict=True)):
             run = RUNS[label]
-            color = "C0" if run.policy == "sarathi" else (
-                "C2" if run.parallel.get("sp_attention") == "csa" else "C1")
-            ax.bar(x, value, color=color,
-                   hatch="//" if run.caching else None, edgecolor="black", linewidth=0.5)
+            color = "C0" if run.policy == "sarathi" else "C1" if run.predictor else "C2"
+            ax.bar(x + offset, value, width, color=color, alpha=alpha, edgecolor="black",
+                   hatch="//" if run.caching else None, linewidth=0.5)
         ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=7)
 
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.4))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.6))
     labels = list(rows)
     bars(axes[0], labels, [100 * rows[k]["prefix_cache_hit_rate"] for k in labels])
     axes[0].axhline(100 * reuse["reuse_rate"], color="black", linestyle="--",
@@ -143,18 +150,21 @@ def plot(rows: dict[str, dict], reuse: dict, path: Path) -> None:
     axes[0].set(title="prefix-cache hit rate", ylabel="% of prompt tokens looked up")
     axes[0].legend(fontsize=7)
     timed = [k for k in labels if not RUNS[k].big_memory]
-    for ax, (name, mean, p99, scale, unit) in zip(axes[1:], [
-            ("TTFT", "ttft_mean_s", "ttft_p99_s", 1, "s"),
-            ("TBT", "tbt_mean_s", "tbt_p99_s", 1e3, "ms"),
-            ("E2E latency", "e2e_mean_s", "e2e_p99_s", 1, "s")], strict=True):
-        bars(ax, timed, [scale * rows[k][mean] for k in timed])
-        ax.scatter(range(len(timed)), [scale * rows[k][p99] for k in timed], marker="_",
-                   s=400, color="black", label="P99", zorder=3)
-        ax.set(title=f"{name}: mean (bars), P99 (marks)", ylabel=unit, yscale="log")
-    axes[1].legend(fontsize=7)
+    for ax, (name, mean, p50, scale, unit) in zip(axes[1:], [
+            ("TTFT", "ttft_mean_s", "ttft_p50_s", 1, "s"),
+            ("TBT", "tbt_mean_s", None, 1e3, "ms"),
+            ("E2E latency", "e2e_mean_s", "e2e_p50_s", 1, "s")], strict=True):
+        if p50 is None:
+            bars(ax, timed, [scale * rows[k][mean] for k in timed])
+            ax.set(title=f"{name}: mean", ylabel=unit)
+            continue
+        bars(ax, timed, [scale * rows[k][mean] for k in timed], -0.2, 0.4)
+        bars(ax, timed, [scale * rows[k][p50] for k in timed], 0.2, 0.4, alpha=0.45)
+        ax.set(title=f"{name}: mean (left), P50 (right, light)", ylabel=unit)
     fig.suptitle(f"simulated {CLUSTER}, {MODEL}, Mooncake conversation: first "
-                 f"{reuse['num_requests']} requests, {reuse['request_rate']:.2f} req/s",
-                 fontsize=10)
+                 f"{reuse['num_requests']} requests, {reuse['request_rate']:.2f} req/s "
+                 f"(blue sarathi, orange sps2, green sps2 without its configurator; "
+                 f"hatched: prefix cache on)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -166,10 +176,16 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--time-scale", type=float, default=1.5,
                         help="multiplies the trace's inter-arrival times (1.5: ~2 req/s)")
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS))
     parser.add_argument("--out-dir", type=Path,
                         default=Path("benchmarks/results/prefix_cache_sim"))
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw the plot from --out-dir/summary.json")
     args = parser.parse_args()
+    if args.plot_only:
+        summary = json.loads((args.out_dir / "summary.json").read_text())
+        plot(summary["runs"], summary["trace_reuse"], args.out_dir / "prefix_cache_sim.png")
+        return
     args.out_dir.mkdir(parents=True, exist_ok=True)
     with open(args.out_dir / "commands.txt", "a") as log:
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M')}\n{' '.join(sys.argv)}\n")
