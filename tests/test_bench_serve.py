@@ -49,8 +49,9 @@ def fake_app(bodies: list[dict]) -> FastAPI:
             for i in range(body["max_tokens"]):
                 await asyncio.sleep(0.005)
                 yield f"data: {json.dumps({'choices': [{'index': 0, 'text': f't{i} '}]})}\n\n"
-            usage = {"prompt_tokens": len(body["prompt"].encode()) + 1,
-                     "completion_tokens": body["max_tokens"]}
+            prompt = body["prompt"]  # text, or token ids (a BOS included)
+            num_prompt = len(prompt) if isinstance(prompt, list) else len(prompt.encode()) + 1
+            usage = {"prompt_tokens": num_prompt, "completion_tokens": body["max_tokens"]}
             yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
 
@@ -132,5 +133,10 @@ def test_serve_replays_a_scaled_mooncake_trace(server, tmp_path):
     assert result["completed"] + result["failed"] == 3
     sent = bodies[before:]
     assert [b["max_tokens"] for b in sent] == [3, 3, 3]  # 60 * 0.05
-    assert all(len(b["prompt"].encode()) + 1 == 15 for b in sent)  # 20 clipped to 15
+    # token ids, since the trace shares prefix blocks: 20 clipped to 15, the BOS first
+    assert all(len(b["prompt"]) == 15 and b["prompt"][0] == 256 for b in sent)
+    assert sent[0]["prompt"][1:15] == sent[1]["prompt"][1:15]  # hash block 0: 26 tokens > 15
+    assert result["trace_reuse"] == pytest.approx(2 / 3)
+    assert result["prefix_cache_hit_rate"] is None  # this server has no /metrics
+    assert result["mean_cached_tokens"] is None
     assert result["start_times"][2] == pytest.approx(0.1, abs=0.05)  # 2 s * 0.05

@@ -16,6 +16,7 @@ from policy_harness import (
 )
 
 from csps.contract.sp_attention import SpAttention
+from csps.kvcache.prefix_cache import NO_PREFIX
 
 
 def sps2(sp_size, cost=None, degrees=None, num_blocks=64, parallel=None, **config):
@@ -156,8 +157,8 @@ def test_slo_tbt_picks_the_least_ttft_slice_whose_step_fits():
     # every candidate that fits has no smaller TTFT than the choice
     sched, _ = sps2(2, num_blocks=128, slo_tbt=whole_s * 0.5, lockstep=False)
     request = make_request("long", 256)
-    candidates = sched.policy.configurator._candidates(sched, request, tight.degree, 0.0,
-                                                       [128, 128], 0.0)
+    candidates = sched.policy.configurator._candidates(
+        sched, (request.num_tokens, NO_PREFIX), tight.degree, 0.0, [128, 128], 0.0)
     fitting = [c for c in candidates if c.step_s <= whole_s * 0.5]
     assert fitting and min(c.ttft_s for c in fitting) == pytest.approx(tight.ttft_s)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from csps.bench.client import ENDPOINTS
+from csps.bench.client import ENDPOINTS, PROMPT_FORMS
 from csps.bench.workload_args import add_workload_args
 
 
@@ -39,6 +39,10 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     server.add_argument("--api-key", default=None, help="Sent as 'Authorization: Bearer KEY'.")
     server.add_argument("--timeout", type=float, default=3600.0, dest="timeout_s",
                         help="Seconds per request, stream included (default: %(default)s).")
+    server.add_argument("--prompt-form", choices=PROMPT_FORMS, default="auto",
+                        help="Send prompts as text or token ids; auto: token ids on "
+                             "/v1/completions for traces with prefix hash_ids, so shared "
+                             "blocks are the same tokens on the server (default: %(default)s).")
     add_workload_args(serve)
     out = serve.add_argument_group("results")
     out.add_argument("--goodput", nargs="+", default=[], metavar="NAME:MS",

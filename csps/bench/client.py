@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import httpx
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+PROMPT_FORMS = ("auto", "text", "token-ids")  # token ids: /v1/completions only
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,16 +49,22 @@ class RequestResult:
     latency_s: float = 0.0  # send -> end of the stream
     start_s: float = 0.0  # send time, seconds after the benchmark started
     error: str = ""  # empty on success
+    # usage.prompt_tokens_details.cached_tokens: prompt tokens the server's prefix cache held;
+    # None when the server does not report it
+    cached_tokens: int | None = None
 
     @property
     def success(self) -> bool:
         return not self.error
 
 
-def request_body(config: ClientConfig, prompt: str, max_tokens: int) -> dict:
+def request_body(config: ClientConfig, prompt: str | list[int], max_tokens: int) -> dict:
+    """The streamed request; a token-id prompt is for /v1/completions only."""
     body: dict = {"model": config.model, "max_tokens": max_tokens, "temperature": 0.0,
                   "stream": True, "stream_options": {"include_usage": True}}
     if config.endpoint == "/v1/chat/completions":
+        if not isinstance(prompt, str):
+            raise ValueError("chat completions take a text prompt, not token ids")
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
@@ -66,7 +73,7 @@ def request_body(config: ClientConfig, prompt: str, max_tokens: int) -> dict:
     return body
 
 
-async def send_request(client: httpx.AsyncClient, config: ClientConfig, prompt: str,
+async def send_request(client: httpx.AsyncClient, config: ClientConfig, prompt: str | list[int],
                        input_len: int, max_tokens: int, clock_start: float = 0.0) -> RequestResult:
     """Stream one request; `clock_start` is the benchmark's perf_counter() origin."""
     sent = time.perf_counter()
@@ -112,6 +119,9 @@ async def _stream(client: httpx.AsyncClient, config: ClientConfig, body: dict, s
                 result.output_len = int(usage["completion_tokens"])
             if usage.get("prompt_tokens") is not None:
                 result.input_len = int(usage["prompt_tokens"])
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            if cached is not None:
+                result.cached_tokens = int(cached)
     if num_chunks == 0 and result.output_len:
         result.ttft_s = time.perf_counter() - sent  # tokens without text (an EOS at once)
     elif num_chunks == 0:

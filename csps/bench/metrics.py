@@ -91,6 +91,7 @@ def summarize(results: list[RequestResult], duration_s: float,
     for name, values in samples.items():
         summary.update(_statistics_ms(name, values))
     summary.update(_normalized_latencies_ms(done))
+    summary.update(cached_token_totals(done))
     summary.update(per_request_arrays(results))
     return summary
 
@@ -120,6 +121,14 @@ def _normalized_latencies_ms(done: list[RequestResult]) -> dict[str, float]:
     }
 
 
+def cached_token_totals(done: list[RequestResult]) -> dict[str, float | int | None]:
+    """Prompt tokens the server reported served from its prefix cache, over the successful
+    requests that reported it (usage.prompt_tokens_details.cached_tokens); None if none did."""
+    cached = [r.cached_tokens for r in done if r.cached_tokens is not None]
+    return {"total_cached_tokens": sum(cached) if cached else None,
+            "mean_cached_tokens": float(np.mean(cached)) if cached else None}
+
+
 def per_request_arrays(results: list[RequestResult]) -> dict[str, list]:
     """Every request (failed ones too, with their error), times in seconds."""
     return {"input_lens": [r.input_len for r in results],
@@ -128,4 +137,5 @@ def per_request_arrays(results: list[RequestResult]) -> dict[str, list]:
             "itls": [list(r.itls_s) for r in results],
             "latencies": [r.latency_s for r in results],
             "start_times": [r.start_s for r in results],
-            "errors": [r.error for r in results]}
+            "errors": [r.error for r in results],
+            "cached_tokens": [r.cached_tokens for r in results]}

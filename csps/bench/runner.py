@@ -1,6 +1,7 @@
 """Drives a workload against a server: sends each request at its arrival time, at most
 `max_concurrency` at once (later arrivals wait for a free slot, as in `vllm bench serve`),
-after optional warm-up requests, with a progress bar."""
+after optional warm-up requests, with a progress bar; the server's prefix-cache counters are
+read just before the first send and after the last response."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import httpx
 from tqdm import tqdm
 
 from csps.bench.client import ClientConfig, RequestResult, send_request
+from csps.bench.prefix_cache_stats import PrefixCacheCounters, scrape_prefix_cache
 
 
 @dataclass(frozen=True, slots=True)
 class PreparedRequest:
     arrival_s: float  # send time, seconds after the start
-    prompt: str
+    prompt: str | list[int]  # text, or token ids sent as they are (completions only)
     input_len: int  # prompt tokens as built (the server's count replaces it when reported)
     max_tokens: int
 
@@ -27,6 +29,10 @@ class PreparedRequest:
 class RunOutcome:
     results: list[RequestResult]  # in send order
     duration_s: float  # first send -> last response finished
+    # the server's prefix-cache counters just before the first send and after the last
+    # response (None: no /metrics, or no such counters)
+    prefix_cache_before: PrefixCacheCounters | None = None
+    prefix_cache_after: PrefixCacheCounters | None = None
 
 
 async def run_benchmark(requests: list[PreparedRequest], config: ClientConfig,
@@ -40,6 +46,7 @@ async def run_benchmark(requests: list[PreparedRequest], config: ClientConfig,
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(config.timeout_s)) as client:
         if num_warmups and requests:
             await _warm_up(client, config, requests[0], num_warmups, slots)
+        before = await scrape_prefix_cache(client, config.base_url, config.model, config.headers)
         bar = tqdm(total=len(requests), desc="requests", unit="req", disable=not show_progress)
         start = time.perf_counter()
 
@@ -56,7 +63,8 @@ async def run_benchmark(requests: list[PreparedRequest], config: ClientConfig,
         results = await asyncio.gather(*(send_at_arrival(r) for r in requests))
         duration_s = time.perf_counter() - start
         bar.close()
-    return RunOutcome(list(results), duration_s)
+        after = await scrape_prefix_cache(client, config.base_url, config.model, config.headers)
+    return RunOutcome(list(results), duration_s, before, after)
 
 
 async def _warm_up(client: httpx.AsyncClient, config: ClientConfig, request: PreparedRequest,

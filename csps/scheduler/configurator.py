@@ -35,6 +35,7 @@ from csps.contract.csa_config import CsaConfig
 from csps.contract.sp_attention import SpAttention
 from csps.kvcache.kv_cache_manager import cdiv
 from csps.kvcache.placement import split_prompt
+from csps.kvcache.prefix_cache import NO_PREFIX, CachedPrefix
 from csps.scheduler.slicing import chunk_candidates, sliced_time
 from csps.scheduler.sp_books import SpPrefillSchedule
 
@@ -71,35 +72,52 @@ class Sps2Configurator:
             for c in micro_batch_candidates.split(";") if c.strip()]
 
     def choose(self, scheduler: SchedulerBooks, request: Request) -> SpChoice | None:
-        """The least-TTFT candidate whose KV fits now; None when none fits."""
-        sp_size = scheduler.sp_size
+        """The least-TTFT candidate whose KV fits now; None when none fits. Only the part
+        after the request's cached prefix is priced and placed, on groups holding the prefix
+        (degree 1: the prefix's rank); when no such group fits, the whole prompt is."""
+        prefix = scheduler.cached_prefix(request)
+        choices = self._choices(scheduler, request, prefix)
+        if not choices and prefix.ranges:
+            choices = self._choices(scheduler, request, NO_PREFIX)
+        return min(choices, key=lambda c: c.ttft_s, default=None)  # ties: the first
+
+    def _choices(self, scheduler: SchedulerBooks, request: Request,
+                 prefix: CachedPrefix) -> list[SpChoice]:
+        sp_size, n = scheduler.sp_size, request.num_tokens - prefix.num_tokens
         degrees = self.allowed_degrees or range(1, sp_size + 1)
         decode_s = self._decode_time(scheduler)
         free = [pool.num_free_blocks for pool in scheduler.kv_cache_manager.pools]  # [sp_size]
         choices, queue_s = [], None
         for degree in sorted(set(degrees)):
-            if not 1 <= degree <= sp_size or degree > request.num_tokens:
+            if not 1 <= degree <= sp_size or degree > n:
                 continue
             if degree > 1 and queue_s is None:  # the same for every SP degree
                 queue_s = self._sp_queue(scheduler, decode_s)
-            choices += self._candidates(scheduler, request, degree, decode_s, free, queue_s)
+            choices += self._candidates(scheduler, (n, prefix), degree, decode_s, free,
+                                        queue_s)
         if self.slo_tbt is not None and choices:
             within = [c for c in choices if c.step_s <= self.slo_tbt]
             choices = within or [min(choices, key=lambda c: c.step_s)]
-        return min(choices, key=lambda c: c.ttft_s, default=None)  # ties: the first
+        return choices
 
-    def _candidates(self, scheduler: SchedulerBooks, request: Request, degree: int,
-                    decode_s: float, free: list[int], queue_s: float | None) -> list[SpChoice]:
-        """free: each rank's free blocks now (the pools do not change while choosing)."""
-        block_size, n = scheduler.kv_cache_manager.block_size, request.num_tokens
+    def _candidates(self, scheduler: SchedulerBooks, work: tuple[int, CachedPrefix],
+                    degree: int, decode_s: float, free: list[int],
+                    queue_s: float | None) -> list[SpChoice]:
+        """work: the tokens to compute and the cached prefix before them; free: each rank's
+        free blocks now (the pools do not change while choosing)."""
+        (n, prefix), block_size = work, scheduler.kv_cache_manager.block_size
         if degree == 1:
-            rank = max(range(scheduler.sp_size), key=lambda r: (free[r], -r))
+            if len(prefix.ranks) > 1:
+                return []  # a prefix over several ranks is attended to by an SP prefill
+            rank = prefix.ranks[0] if prefix.ranges else max(
+                range(scheduler.sp_size), key=lambda r: (free[r], -r))
             if cdiv(n, block_size) > free[rank]:
                 return []
-            ttft_s, step_s = self._local_ttft(scheduler, rank, n, decode_s)
+            ttft_s, step_s = self._local_ttft(scheduler, rank, n, decode_s, prefix.num_tokens)
             return [SpChoice(1, (rank,), ttft_s, step_s=step_s)]
         lens = split_prompt(n, degree, block_size)
-        group = _most_free_group([cdiv(length, block_size) for length in lens], free)
+        group = _most_free_group([cdiv(length, block_size) for length in lens], free,
+                                 prefix.ranks)
         if group is None:
             return []
         chunk_lens = [0] * scheduler.sp_size
@@ -127,10 +145,12 @@ class Sps2Configurator:
         batches = self.micro_batch_candidates or [None]
         return list(dict.fromkeys(base.with_csa(lv, mb) for lv in levels for mb in batches))
 
-    def _local_ttft(self, scheduler: SchedulerBooks, rank: int, n: int,
-                    decode_s: float) -> tuple[float, float]:
-        """(TTFT, the longest step: a chunk with a decode step) of the local chunked path."""
-        budget, total, cached, longest = scheduler.token_budget, 0.0, 0, 0.0
+    def _local_ttft(self, scheduler: SchedulerBooks, rank: int, n: int, decode_s: float,
+                    cached: int = 0) -> tuple[float, float]:
+        """(TTFT, the longest step: a chunk with a decode step) of the local chunked path of
+        n tokens after `cached` ones."""
+        budget, total, longest = scheduler.token_budget, 0.0, 0.0
+        n += cached
         while cached < n:
             chunk = min(budget, n - cached)
             seconds = self.predictor.local_prefill_time([(rank, chunk, cached)])
@@ -156,14 +176,18 @@ class Sps2Configurator:
         return self.predictor.decode_time(decodes) if decodes else 0.0
 
 
-def _most_free_group(need: list[int], free: list[int]) -> tuple[int, ...] | None:
-    """The window of len(need) consecutive ranks where rank start + i has need[i] free blocks,
-    with the most free blocks in all (ties: the lowest start); None if none fits."""
+def _most_free_group(need: list[int], free: list[int],
+                     holding: Sequence[int] = ()) -> tuple[int, ...] | None:
+    """The window of len(need) consecutive ranks, covering the ranks `holding` (a cached
+    prefix's), where rank start + i has need[i] free blocks, with the most free blocks in all
+    (ties: the lowest start); None if none fits."""
     degree, best, best_free = len(need), None, -1
     window_free = sum(free[:degree])
     for start in range(len(free) - degree + 1):
         if start:
             window_free += free[start + degree - 1] - free[start - 1]
+        if any(not start <= r < start + degree for r in holding):
+            continue
         if window_free > best_free and all(
                 k <= f for k, f in zip(need, free[start:start + degree], strict=True)):
             best, best_free = start, window_free
