@@ -49,7 +49,6 @@ class Run:
     caching: bool  # CacheConfig.enable_prefix_caching
     routing: str = "least-loaded"  # which replica gets a request (simulator/routing.py)
     big_memory: bool = False  # GPUs with BIG_MEMORY x the memory: a cache that keeps all
-    predictor: bool = True  # False: sps2 without its configurator (the threshold rule)
     parallel: dict = field(default_factory=dict)  # ParallelConfig extras
     scheduler: dict = field(default_factory=dict)  # SchedulerConfig extras
 
@@ -64,16 +63,13 @@ RUNS = {
     # dense Ulysses: exact attention, so its KV may serve other requests
     "sps2": Run("sps2", 8, 1, False, parallel=_DENSE),
     "sps2+cache": Run("sps2", 8, 1, True, parallel=_DENSE),
-    # without the configurator: every long prompt over all 8 ranks (sp_books' own plan)
-    "sps2-threshold": Run("sps2", 8, 1, False, parallel=_DENSE, predictor=False),
-    "sps2-threshold+cache": Run("sps2", 8, 1, True, parallel=_DENSE, predictor=False),
     # the hit-rate check: a cache that evicts nothing this trace slice reuses (times not A100's)
-    f"sps2-threshold+cache+{BIG_MEMORY}x-memory": Run(
-        "sps2", 8, 1, True, big_memory=True, parallel=_DENSE, predictor=False),
+    f"sps2+cache+{BIG_MEMORY}x-memory": Run("sps2", 8, 1, True, big_memory=True,
+                                              parallel=_DENSE),
     # CSA's sparse SP prefills compute KV that exact attention would not: never cached
+    "sps2-csa": Run("sps2", 8, 1, False, parallel=_CSA),
     "sps2-csa+cache": Run("sps2", 8, 1, True, parallel=_CSA),
 }
-DEFAULT_RUNS = [label for label in RUNS if label != "sps2-csa+cache"]
 METRICS = {  # summary key -> result key
     "ttft_mean_s": "mean_ttft_ms", "ttft_p50_s": "median_ttft_ms", "ttft_p99_s": "p99_ttft_ms",
     "tbt_mean_s": "mean_itl_ms", "tbt_p99_s": "p99_itl_ms",
@@ -96,8 +92,7 @@ def sim_config(run: Run, block_tokens: int, out_dir: Path) -> SimulationConfig:
                           parallel=ParallelConfig(sequence_parallel_size=run.sp, **run.parallel))
     cluster = big_memory_cluster(out_dir) if run.big_memory else CLUSTER
     return SimulationConfig(engine, model=MODEL, cluster=cluster, num_replicas=run.replicas,
-                            use_predictor=run.predictor, hash_block_tokens=block_tokens,
-                            routing=run.routing)
+                            hash_block_tokens=block_tokens, routing=run.routing)
 
 
 def run_summary(result: dict) -> dict:
@@ -137,7 +132,8 @@ def plot(rows: dict[str, dict], reuse: dict, path: Path) -> None:
              width: float = 0.8, alpha: float = 1.0) -> None:
         for x, (label, value) in enumerate(zip(labels, values, strict=True)):
             run = RUNS[label]
-            color = "C0" if run.policy == "sarathi" else "C1" if run.predictor else "C2"
+            color = "C0" if run.policy == "sarathi" else (
+                "C2" if run.parallel.get("sp_attention") == "csa" else "C1")
             ax.bar(x + offset, value, width, color=color, alpha=alpha, edgecolor="black",
                    hatch="//" if run.caching else None, linewidth=0.5)
         ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=7)
@@ -163,7 +159,7 @@ def plot(rows: dict[str, dict], reuse: dict, path: Path) -> None:
         ax.set(title=f"{name}: mean (left), P50 (right, light)", ylabel=unit)
     fig.suptitle(f"simulated {CLUSTER}, {MODEL}, Mooncake conversation: first "
                  f"{reuse['num_requests']} requests, {reuse['request_rate']:.2f} req/s "
-                 f"(blue sarathi, orange sps2, green sps2 without its configurator; "
+                 f"(blue sarathi, orange sps2, green sps2 with CSA; "
                  f"hatched: prefix cache on)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -176,7 +172,7 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--time-scale", type=float, default=1.5,
                         help="multiplies the trace's inter-arrival times (1.5: ~2 req/s)")
-    parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS))
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--out-dir", type=Path,
                         default=Path("benchmarks/results/prefix_cache_sim"))
     parser.add_argument("--plot-only", action="store_true",
