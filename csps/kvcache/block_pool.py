@@ -27,6 +27,7 @@ class BlockPool:
         self._hash_of: dict[int, int] = {}  # block id -> block hash, for cached blocks
         self._block_of: dict[int, int] = {}  # block hash -> block id
         self.num_evictions = 0  # cached blocks reused for other KV since start
+        self.version = 0  # changes whenever the set of cached hashes does
 
     @property
     def num_free_blocks(self) -> int:
@@ -65,6 +66,7 @@ class BlockPool:
             if block_hash is not None:
                 del self._block_of[block_hash]
                 self.num_evictions += 1
+                self.version += 1
             self._ref_cnt[block_id] = 1
             block_ids.append(block_id)
         return block_ids
@@ -101,11 +103,13 @@ class BlockPool:
             return
         self._block_of[block_hash] = block_id
         self._hash_of[block_id] = block_hash
+        self.version += 1
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (blocks and references stay as they are)."""
         self._hash_of.clear()
         self._block_of.clear()
+        self.version += 1
 
     def check_invariants(self) -> None:
         """Raise if the bookkeeping is inconsistent (used by tests after every step)."""

@@ -60,6 +60,8 @@ class PrefixCache:
         self._hashes = BlockHashBook(block_size)
         self._num_registered: dict[str, int] = {}  # request -> leading blocks registered
         self._uncacheable: set[str] = set()
+        # request -> (the pools' versions, ranks, tokens) it was found for, and the prefix
+        self._found: dict[str, tuple[tuple, CachedPrefix]] = {}
 
     def find(self, request: TokenSource, num_tokens: int, ranks: list[int] | None = None
              ) -> CachedPrefix:
@@ -68,6 +70,15 @@ class PrefixCache:
         if not self.enabled or num_tokens < 2:
             return NO_PREFIX
         ranks = list(range(len(self.pools))) if ranks is None else ranks
+        key = (tuple(pool.version for pool in self.pools), tuple(ranks), num_tokens)
+        memo = self._found.get(request.request_id)
+        if memo is not None and memo[0] == key:
+            return memo[1]  # nothing cached has changed since (a waiting head, asked again)
+        prefix = self._find(request, num_tokens, ranks)
+        self._found[request.request_id] = (key, prefix)
+        return prefix
+
+    def _find(self, request: TokenSource, num_tokens: int, ranks: list[int]) -> CachedPrefix:
         ranges: list[TokenRange] = []
         blocks: list[int] = []
         rank, start = -1, 0
@@ -125,5 +136,6 @@ class PrefixCache:
     def forget(self, request_id: str) -> None:
         """The request's blocks were freed (finished or preempted)."""
         self._hashes.forget(request_id)
+        self._found.pop(request_id, None)
         self._num_registered.pop(request_id, None)
         self._uncacheable.discard(request_id)
