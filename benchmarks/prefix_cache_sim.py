@@ -95,10 +95,17 @@ def sim_config(run: Run, block_tokens: int, out_dir: Path) -> SimulationConfig:
                             hash_block_tokens=block_tokens, routing=run.routing)
 
 
-def run_summary(result: dict) -> dict:
+def run_summary(result: dict, promised: tuple[int, ...]) -> dict:
+    """The run's figures; `promised`: each request's cacheable reuse from the hash ids, against
+    which its `cached_tokens` (its first admission's hit) falls short or not."""
     row = {key: result[source] / 1e3 for key, source in METRICS.items()}
     row.update({key: result[key] for key in ("completed", "failed", "prefix_cache_queries",
                                              "prefix_cache_hits", "prefix_cache_hit_rate")})
+    short = [(p, c or 0) for p, c in zip(promised, result["cached_tokens"], strict=True)
+             if (c or 0) < p]
+    row.update(requests_short_of_reuse=len(short),
+               tokens_short_of_reuse=sum(p - c for p, c in short),
+               requests_short_with_no_hit=sum(1 for _, c in short if c == 0))
     sim = result["simulator"]
     row.update(preemptions=sim["num_preemptions"], simulated_s=sim["simulated_s"],
                wall_s=sim["wall_s"])
@@ -106,17 +113,22 @@ def run_summary(result: dict) -> dict:
 
 
 def markdown(rows: dict[str, dict], reuse: dict) -> str:
-    lines = ["| run | hit rate | TTFT mean / P50 / P99 (s) | TBT mean / P99 (ms) "
-             "| E2E mean / P50 / P99 (s) | preemptions |", "|---|---|---|---|---|---|"]
+    lines = ["| run | hit rate | requests (tokens) short of the reuse "
+             "| TTFT mean / P50 / P99 (s) | TBT mean / P99 (ms) "
+             "| E2E mean / P50 / P99 (s) | preemptions |", "|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
+        short = (f"{r['requests_short_of_reuse']} ({r['tokens_short_of_reuse']:,})"
+                 if RUNS[label].caching else "-")
         lines.append(
-            f"| {label} | {100 * r['prefix_cache_hit_rate']:.1f}% "
+            f"| {label} | {100 * r['prefix_cache_hit_rate']:.2f}% | {short} "
             f"| {r['ttft_mean_s']:.2f} / {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} "
             f"| {1e3 * r['tbt_mean_s']:.1f} / {1e3 * r['tbt_p99_s']:.1f} "
             f"| {r['e2e_mean_s']:.2f} / {r['e2e_p50_s']:.2f} / {r['e2e_p99_s']:.2f} "
             f"| {r['preemptions']} |")
     lines.append(f"\nReuse from the hash ids: {100 * reuse['reuse_rate']:.2f}% of prompt tokens "
-                 f"({100 * reuse['cacheable_rate']:.2f}% at the cache's granularity).")
+                 f"({100 * reuse['cacheable_rate']:.2f}% at the cache's granularity: whole "
+                 f"16-token blocks, the last prompt token recomputed); {reuse['num_requests']} "
+                 f"requests, {reuse['request_rate']:.2f} req/s.")
     return "\n".join(lines) + "\n"
 
 
@@ -193,6 +205,7 @@ def main() -> None:
     pairs = [(s.input_len, s.hash_ids) for s in specs]
     plain, cacheable = trace_reuse(pairs, block_tokens), trace_reuse(pairs, block_tokens, 16)
     reuse = {**dataclasses.asdict(plain), "reuse_rate": plain.reuse_rate,
+             "reused_per_request": None,
              "cacheable_tokens": cacheable.reused_tokens, "cacheable_rate": cacheable.reuse_rate,
              "num_requests": len(specs), "hash_block_tokens": block_tokens,
              "request_rate": len(specs) / specs[-1].arrival_s}
@@ -205,9 +218,10 @@ def main() -> None:
     for label in args.runs:
         result = simulate(sim_config(RUNS[label], block_tokens, args.out_dir), specs)
         result.pop("itls", None)
+        result.pop("scheduling_delays", None)
         result["config"]["workload"] = dataclasses.asdict(workload)
         (args.out_dir / "runs" / f"{label}.json").write_text(json.dumps(result) + "\n")
-        rows[label] = run_summary(result)
+        rows[label] = run_summary(result, cacheable.reused_per_request)
         r = rows[label]
         print(f"{label}: hit rate {100 * r['prefix_cache_hit_rate']:.2f}%, TTFT mean "
               f"{r['ttft_mean_s']:.2f} s P99 {r['ttft_p99_s']:.2f} s, TBT mean "

@@ -48,6 +48,7 @@ def test_a_scripted_workload_hits_the_hand_computed_tokens():
     assert result["prefix_cache_queries"] == 80 + 100 + 80 + 50
     assert result["prefix_cache_hits"] == 64 + 64
     assert result["prefix_cache_hit_rate"] == pytest.approx(128 / 310)
+    assert result["cached_tokens"] == [0, 64, 64, 0] and result["total_cached_tokens"] == 128
     (replica,) = result["simulator"]["replicas"]
     assert replica["prefix_cache_hits"] == 128
     # c computes 16 tokens instead of 80: its first token comes one 64-token chunk sooner
@@ -97,6 +98,7 @@ def test_a_mooncake_trace_hits_what_its_hash_ids_reuse(tmp_path):
                       specs)
     assert reuse.reused_tokens == 1024 + 512 + 1536 + 512
     assert result["prefix_cache_hits"] == reuse.reused_tokens
+    assert tuple(result["cached_tokens"]) == reuse.reused_per_request
     assert result["prefix_cache_queries"] == reuse.input_tokens
 
 

@@ -48,6 +48,7 @@ class RequestRecord:
     finish_s: float | None = None
     error: str = ""
     hash_ids: tuple[int, ...] = ()  # Mooncake prefix blocks: equal leading ids, shared tokens
+    cached_tokens: int | None = None  # prompt tokens its first admission found in the cache
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Simulator:
         self._seq = 0
         self._records: list[RequestRecord] = []
         self._live: dict[str, RequestRecord] = {}  # sent and not finished
+        self._requests: dict[str, Request] = {}  # the scheduler's Request of each live one
         self._backlog: deque[int] = deque()  # arrived, waiting for a concurrency slot
         # Replicas where something changed (a step ended, a request arrived) and that have
         # unfinished requests: the only ones a new step can start on.
@@ -166,6 +168,7 @@ class Simulator:
                 self._fail(record, now, str(exc))
                 continue
             self._live[record.request_id] = record
+            self._requests[record.request_id] = request
             self._ready.add(replica)
 
     def _fail(self, record: RequestRecord, now: float, error: str) -> None:
@@ -200,6 +203,7 @@ class Simulator:
             record.token_times.append(now)
             if update.finished:
                 record.finish_s = now
+                record.cached_tokens = self._requests.pop(record.request_id).num_cached_tokens
                 del self._live[record.request_id]
                 if self.on_request_done is not None:
                     self.on_request_done(record)

@@ -1,4 +1,5 @@
-"""A simulation's result: the same JSON as `csps bench serve` (csps.bench.metrics), plus each
+"""A simulation's result: the same JSON as `csps bench serve` (csps.bench.metrics; per request
+`cached_tokens`, the prompt tokens its first admission found in the prefix cache), plus each
 request's scheduling delay (Sarathi-Serve's: from its send to the start of the first iteration
 that runs it; `scheduling_delays` in s, None if never scheduled, and their mean / median / p99
 in ms), plus the prefix cache's hits over every replica (`prefix_cache_queries`: prompt tokens
@@ -27,7 +28,8 @@ def request_result(record: RequestRecord) -> RequestResult:
                              error=record.error or "no token generated")
     return RequestResult(record.input_len, len(times), ttft_s=times[0] - send,
                          itls_s=[b - a for a, b in zip(times, times[1:], strict=False)],
-                         latency_s=(record.finish_s or times[-1]) - send, start_s=send)
+                         latency_s=(record.finish_s or times[-1]) - send, start_s=send,
+                         cached_tokens=record.cached_tokens)
 
 
 def scheduling_delays(records: Sequence[RequestRecord]) -> dict:

@@ -5,7 +5,9 @@ Per request in arrival order, its leading hash ids that an earlier request's pro
 (the same ids in the same positions: a prefix tree of every earlier request's ids), times the
 tokens per hash id, capped at its prompt length; summed over requests and divided by their
 prompt tokens. With `kv_block_size` the figure is what csps' cache can hit of that: whole KV
-blocks only, and never the prompt's last token (it is recomputed to sample from). No torch.
+blocks only, and never the prompt's last token (it is recomputed to sample from); per request,
+it is what a simulated request's `cached_tokens` should be. csps/bench/trace_reuse.py computes
+the plain rate alone (the same figure, tests/test_sim_prefix_reuse.py). No torch.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class TraceReuse:
     input_tokens: int  # prompt tokens, summed over requests
     num_requests: int
     num_requests_reusing: int  # requests with at least one reused token
+    reused_per_request: tuple[int, ...] = ()  # reused tokens of each request, in order
 
     @property
     def reuse_rate(self) -> float:
@@ -40,6 +43,7 @@ def trace_reuse(requests: Iterable[tuple[int, Sequence[int]]],
         raise ValueError(f"kv_block_size must be >= 1, got {kv_block_size}")
     root: dict = {}  # hash id -> subtree: every earlier prompt's ids, by position
     reused = total = count = reusing = 0
+    per_request: list[int] = []
     for input_len, hash_ids in requests:
         node, matched, is_matching = root, 0, True
         for hash_id in hash_ids:
@@ -53,6 +57,8 @@ def trace_reuse(requests: Iterable[tuple[int, Sequence[int]]],
         tokens = min(matched * block_tokens, input_len)
         if kv_block_size is not None:
             tokens = min(tokens, input_len - 1) // kv_block_size * kv_block_size
-        reused, total, count = reused + max(tokens, 0), total + input_len, count + 1
+        tokens = max(tokens, 0)
+        reused, total, count = reused + tokens, total + input_len, count + 1
         reusing += tokens > 0
-    return TraceReuse(reused, total, count, reusing)
+        per_request.append(tokens)
+    return TraceReuse(reused, total, count, reusing, tuple(per_request))
