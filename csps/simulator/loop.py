@@ -4,11 +4,10 @@ Events are request arrivals and step ends, kept in one heap by time. At each eve
 first ends the steps due (the scheduler books their outputs: one fabricated token per sampling
 request, so a request stops only at its max_tokens or max_model_len), then hands arrivals to a
 replica (an SP x TP group with its own Scheduler; routing.py: least unfinished requests first,
-or by prefix), then asks
-every replica with free instances and work for new steps (`scheduler.schedule_steps()`, the
-engine's call): each is priced by a StepTimer and ends that many seconds later, so every
-instance runs on its own clock and steps on disjoint instances overlap. Only time is simulated;
-every decision is the scheduler's own.
+or by prefix), then asks every replica with free instances and work for new steps
+(`scheduler.schedule_steps()`, the engine's call): each is priced by a StepTimer and ends that
+many seconds later, so every instance runs on its own clock and steps on disjoint instances
+overlap. Only time is simulated; every decision is the scheduler's own.
 Under `max_concurrency` an arrival waits until fewer requests are in flight (vLLM's client).
 A request's prompt ids are built when it is sent (prompt_tokens.py: shared where its Mooncake
 hash ids are, unique elsewhere), so the prefix cache reuses what the trace says it may. No torch.
