@@ -19,6 +19,7 @@ import sys
 
 from csps.bench.workload_args import add_workload_args, workload_config_from_args
 from csps.cli import add_engine_args, config_from_args
+from csps.simulator.routing import ROUTINGS
 from csps.simulator.run import SP_DEGREES
 
 
@@ -43,6 +44,10 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     hw.add_argument("--data-parallel-size", "-dp", dest="num_replicas", type=int, default=1,
                     help="Independent SP x TP replicas, requests routed to the least loaded "
                          "(default: %(default)s).")
+    hw.add_argument("--routing", choices=ROUTINGS, default="least-loaded",
+                    help="Which replica gets a request: the least loaded, or the one sent the "
+                         "longest prefix of its trace hash ids before, whose prefix cache "
+                         "likely holds it (default: %(default)s).")
     hw.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                     help="Fraction of GPU memory for weights and KV (default: %(default)s).")
     hw.add_argument("--iteration-overhead-ms", type=float, default=None,
@@ -96,6 +101,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from csps.bench.plots import has_matplotlib, plot_run
     from csps.bench.report import default_filename, format_summary, save_result
     from csps.bench.workload import build_workload
+    from csps.simulator.prompt_tokens import hash_block_tokens
     from csps.simulator.run import SimulationConfig, simulate
 
     model = args.model_option or args.model or "llama-3-8b"
@@ -105,7 +111,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     overhead = None if args.iteration_overhead_ms is None else args.iteration_overhead_ms / 1e3
     config = SimulationConfig(engine, model, args.cluster, args.num_replicas,
                               args.gpu_memory_utilization, overhead, args.sp_degrees,
-                              args.use_predictor, args.max_concurrency)
+                              args.use_predictor, args.max_concurrency,
+                              hash_block_tokens(workload.length_scale), args.routing)
     label = args.label or f"sim-{engine.scheduler.policy}"
     if args.capacity:
         return run_capacity(args, config, workload, label)
@@ -125,7 +132,9 @@ def run_simulate(args: argparse.Namespace) -> int:
     sim = result["simulator"]
     print(f"simulated {sim['simulated_s']:.1f} s in {sim['wall_s']:.1f} s of wall time, "
           f"{sim['iterations']} iterations {sim['iterations_by_kind']}, "
-          f"{sim['num_preemptions']} preemptions")
+          f"{sim['num_preemptions']} preemptions; prefix cache: {result['prefix_cache_hits']} "
+          f"of {result['prefix_cache_queries']} prompt tokens hit "
+          f"({100 * result['prefix_cache_hit_rate']:.1f}%)")
     plot_path = args.plot
     if args.save_result:
         filename = args.result_filename or default_filename(label, args.request_rate,

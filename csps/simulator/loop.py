@@ -3,13 +3,14 @@
 Events are request arrivals and step ends, kept in one heap by time. At each event time the loop
 first ends the steps due (the scheduler books their outputs: one fabricated token per sampling
 request, so a request stops only at its max_tokens or max_model_len), then hands arrivals to a
-replica (an SP x TP group with its own Scheduler; least unfinished requests first), then asks
-every replica with free instances and work for new steps (`scheduler.schedule_steps()`, the
-engine's call): each is priced by a StepTimer and ends that many seconds later, so every
-instance runs on its own clock and steps on disjoint instances overlap. Only time is simulated;
-every decision is the scheduler's own.
+replica (an SP x TP group with its own Scheduler; routing.py: least unfinished requests first,
+or by prefix), then asks every replica with free instances and work for new steps
+(`scheduler.schedule_steps()`, the engine's call): each is priced by a StepTimer and ends that
+many seconds later, so every instance runs on its own clock and steps on disjoint instances
+overlap. Only time is simulated; every decision is the scheduler's own.
 Under `max_concurrency` an arrival waits until fewer requests are in flight (vLLM's client).
-No torch.
+A request's prompt ids are built when it is sent (prompt_tokens.py: shared where its Mooncake
+hash ids are, unique elsewhere), so the prefix cache reuses what the trace says it may. No torch.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from csps.bench.traces import MOONCAKE_BLOCK_TOKENS
 from csps.contract.step import SchedulerOutput, Step
 from csps.request import Request, SamplingParams
 from csps.scheduler import RunnerOutput, Scheduler
+from csps.simulator.prompt_tokens import prompt_token_ids
+from csps.simulator.routing import Router
 from csps.simulator.timer import StepCost, StepTimer
 
 STEP_END, ARRIVAL = 0, 1  # at equal times, steps end before new requests arrive
@@ -42,6 +46,8 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)  # one per generated token
     finish_s: float | None = None
     error: str = ""
+    hash_ids: tuple[int, ...] = ()  # Mooncake prefix blocks: equal leading ids, shared tokens
+    cached_tokens: int | None = None  # prompt tokens its first admission found in the cache
 
 
 @dataclass
@@ -77,15 +83,21 @@ def iteration_kind(output: SchedulerOutput) -> str:
 class Simulator:
     def __init__(self, schedulers: Sequence[Scheduler], timer: StepTimer,
                  max_concurrency: int | None = None,
-                 on_request_done: Callable[[RequestRecord], None] | None = None) -> None:
+                 on_request_done: Callable[[RequestRecord], None] | None = None,
+                 hash_block_tokens: int = MOONCAKE_BLOCK_TOKENS,
+                 routing: str = "least-loaded") -> None:
         if not schedulers:
             raise ValueError("need at least one scheduler (replica)")
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if hash_block_tokens < 1:
+            raise ValueError(f"hash_block_tokens must be >= 1, got {hash_block_tokens}")
         self.schedulers = list(schedulers)
         self.timer = timer
         self.max_concurrency = max_concurrency
         self.on_request_done = on_request_done
+        self.hash_block_tokens = hash_block_tokens  # prompt tokens per hash id
+        self.router = Router(routing)
         self.stats = [ReplicaStats() for _ in self.schedulers]
         self.clock = 0.0
         self.wall_s = 0.0  # real seconds the last run took
@@ -94,6 +106,7 @@ class Simulator:
         self._seq = 0
         self._records: list[RequestRecord] = []
         self._live: dict[str, RequestRecord] = {}  # sent and not finished
+        self._requests: dict[str, Request] = {}  # the scheduler's Request of each live one
         self._backlog: deque[int] = deque()  # arrived, waiting for a concurrency slot
         # Replicas where something changed (a step ended, a request arrived) and that have
         # unfinished requests: the only ones a new step can start on.
@@ -132,17 +145,19 @@ class Simulator:
     def _send_backlog(self, now: float) -> None:
         while self._backlog and (self.max_concurrency is None
                                  or len(self._live) < self.max_concurrency):
-            record = self._records[self._backlog.popleft()]
+            index = self._backlog.popleft()
+            record = self._records[index]
             record.send_s = now
-            replica = min(range(len(self.schedulers)), key=lambda i: (
-                self.schedulers[i].num_waiting + self.schedulers[i].num_running, i))
+            replica = self.router.route(record.hash_ids, self.schedulers)
             scheduler = self.schedulers[replica]
             if record.input_len >= scheduler.max_model_len:
                 self._fail(record, now, f"prompt of {record.input_len} tokens does not fit "
                                         f"max_model_len={scheduler.max_model_len}")
                 continue
             max_tokens = min(record.output_len, scheduler.max_model_len - record.input_len)
-            request = Request(record.request_id, [FAKE_TOKEN] * record.input_len,
+            prompt = prompt_token_ids(index, record.input_len, record.hash_ids,
+                                      self.hash_block_tokens)
+            request = Request(record.request_id, prompt,
                               SamplingParams(temperature=0.0, max_tokens=max_tokens,
                                              ignore_eos=True),
                               eos_token_id=None, arrival_time=now, max_tokens=max_tokens)
@@ -152,6 +167,7 @@ class Simulator:
                 self._fail(record, now, str(exc))
                 continue
             self._live[record.request_id] = record
+            self._requests[record.request_id] = request
             self._ready.add(replica)
 
     def _fail(self, record: RequestRecord, now: float, error: str) -> None:
@@ -186,6 +202,7 @@ class Simulator:
             record.token_times.append(now)
             if update.finished:
                 record.finish_s = now
+                record.cached_tokens = self._requests.pop(record.request_id).num_cached_tokens
                 del self._live[record.request_id]
                 if self.on_request_done is not None:
                     self.on_request_done(record)

@@ -1,8 +1,11 @@
-"""A simulation's result: the same JSON as `csps bench serve` (csps.bench.metrics), plus each
+"""A simulation's result: the same JSON as `csps bench serve` (csps.bench.metrics; per request
+`cached_tokens`, the prompt tokens its first admission found in the prefix cache), plus each
 request's scheduling delay (Sarathi-Serve's: from its send to the start of the first iteration
 that runs it; `scheduling_delays` in s, None if never scheduled, and their mean / median / p99
-in ms), plus the simulator's own figures under "simulator" (iterations by kind, busy time per
-rank, predicted bytes per phase, preemptions, wall time). No torch.
+in ms), plus the prefix cache's hits over every replica (`prefix_cache_queries`: prompt tokens
+looked up, `prefix_cache_hits`: of those found cached, `prefix_cache_hit_rate`; vLLM's
+counters), plus the simulator's own figures under "simulator" (iterations by kind, busy time per
+rank, predicted bytes per phase, preemptions, prefix-cache hits per replica, wall time). No torch.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ def request_result(record: RequestRecord) -> RequestResult:
                              error=record.error or "no token generated")
     return RequestResult(record.input_len, len(times), ttft_s=times[0] - send,
                          itls_s=[b - a for a, b in zip(times, times[1:], strict=False)],
-                         latency_s=(record.finish_s or times[-1]) - send, start_s=send)
+                         latency_s=(record.finish_s or times[-1]) - send, start_s=send,
+                         cached_tokens=record.cached_tokens)
 
 
 def scheduling_delays(records: Sequence[RequestRecord]) -> dict:
@@ -40,6 +44,25 @@ def scheduling_delays(records: Sequence[RequestRecord]) -> dict:
             "p99_sched_delay_ms": float(np.percentile(values_ms, 99))}
 
 
+def prefix_cache_counts(scheduler) -> dict:
+    """One scheduler's cumulative prefix-cache queries and hits (tokens), and their ratio (0
+    with no query, or with a scheduler without a prefix cache)."""
+    stats = getattr(scheduler, "prefix_cache_stats", None)
+    queries = int(getattr(stats, "queries", 0))
+    hits = int(getattr(stats, "hits", 0))
+    return {"prefix_cache_queries": queries, "prefix_cache_hits": hits,
+            "prefix_cache_hit_rate": hits / queries if queries else 0.0}
+
+
+def prefix_cache_summary(schedulers: Sequence) -> dict:
+    """prefix_cache_counts summed over the replicas."""
+    counts = [prefix_cache_counts(s) for s in schedulers]
+    queries = sum(c["prefix_cache_queries"] for c in counts)
+    hits = sum(c["prefix_cache_hits"] for c in counts)
+    return {"prefix_cache_queries": queries, "prefix_cache_hits": hits,
+            "prefix_cache_hit_rate": hits / queries if queries else 0.0}
+
+
 def simulator_summary(simulator: Simulator, duration_s: float) -> dict:
     """Per replica and in total: iterations, busy seconds and utilisation per SP rank, bytes."""
     replicas = []
@@ -50,7 +73,8 @@ def simulator_summary(simulator: Simulator, duration_s: float) -> dict:
             "iterations": stats.iterations, "iterations_by_kind": stats.iterations_by_kind,
             "busy_s": stats.busy_s, "rank_busy_s": stats.rank_busy_s,
             "rank_utilization": [b / duration_s for b in stats.rank_busy_s],
-            "comm_bytes": stats.comm_bytes, "num_preemptions": scheduler.num_preemptions})
+            "comm_bytes": stats.comm_bytes, "num_preemptions": scheduler.num_preemptions,
+            **prefix_cache_counts(scheduler)})
         for phase, num_bytes in stats.comm_bytes.items():
             comm[phase] = comm.get(phase, 0) + num_bytes
         for kind, count in stats.iterations_by_kind.items():
@@ -70,5 +94,6 @@ def simulation_result(records: Sequence[RequestRecord], simulator: Simulator,
     duration = max(end - start, 1e-9)
     summary = summarize(results, duration, slos)
     summary.update(scheduling_delays(records))
+    summary.update(prefix_cache_summary(simulator.schedulers))
     summary["simulator"] = simulator_summary(simulator, duration)
     return summary

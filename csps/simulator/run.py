@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from csps.bench.metrics import GoodputSLOs
+from csps.bench.traces import MOONCAKE_BLOCK_TOKENS
 from csps.bench.workload import RequestSpec
 from csps.config import EngineConfig
 from csps.costmodel.hardware import ClusterSpec
@@ -23,6 +24,7 @@ from csps.scheduler.predictor import StepPredictor
 from csps.simulator.cluster import build_schedulers, gpu_kv_budget, plan_memory
 from csps.simulator.loop import RequestRecord, Simulator
 from csps.simulator.result import simulation_result
+from csps.simulator.routing import ROUTINGS
 from csps.simulator.timer import CostModelTimer
 
 SP_DEGREES = ("all", "engine")  # any of 1..P (simulator) or {1, P} (what the workers run)
@@ -39,6 +41,9 @@ class SimulationConfig:
     sp_degrees: str = "all"  # SP prefill group sizes the policies may choose
     use_predictor: bool = True  # False: policies plan without a cost model (sps2's threshold)
     max_concurrency: int | None = None  # most requests in flight (the client's limit)
+    # prompt tokens per Mooncake hash id: 512 x the workload's length_scale (prompt_tokens.py)
+    hash_block_tokens: int = MOONCAKE_BLOCK_TOKENS
+    routing: str = "least-loaded"  # which replica gets a request (routing.py ROUTINGS)
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -47,6 +52,10 @@ class SimulationConfig:
             raise ValueError(f"sp_degrees must be one of {SP_DEGREES}, got {self.sp_degrees!r}")
         if self.iteration_overhead_s is not None and self.iteration_overhead_s < 0:
             raise ValueError("iteration_overhead_s must be >= 0")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.hash_block_tokens < 1:
+            raise ValueError(f"hash_block_tokens must be >= 1, got {self.hash_block_tokens}")
 
 
 def build_simulator(config: SimulationConfig,
@@ -93,7 +102,8 @@ def build_simulator(config: SimulationConfig,
         kwargs["allowed_sp_degrees"] = list(range(1, sp + 1))
     schedulers = build_schedulers(engine, plan, config.num_replicas, **kwargs)
     timer = CostModelTimer(cost_model, shape, parallel, engine.cache.block_size)
-    simulator = Simulator(schedulers, timer, config.max_concurrency, on_request_done)
+    simulator = Simulator(schedulers, timer, config.max_concurrency, on_request_done,
+                          config.hash_block_tokens, config.routing)
     cost_dict = cost_model.to_dict() if hasattr(cost_model, "to_dict") else {"name": path}
     info = {"simulation": {k: v for k, v in dataclasses.asdict(config).items() if k != "engine"},
             "engine": engine.to_dict(), "cost_model": cost_dict,
@@ -102,8 +112,8 @@ def build_simulator(config: SimulationConfig,
 
 
 def records_from_specs(specs: Sequence[RequestSpec]) -> list[RequestRecord]:
-    return [RequestRecord(f"req-{i}", s.input_len, s.output_len, s.arrival_s)
-            for i, s in enumerate(specs)]
+    return [RequestRecord(f"req-{i}", s.input_len, s.output_len, s.arrival_s,
+                          hash_ids=s.hash_ids) for i, s in enumerate(specs)]
 
 
 def simulate(config: SimulationConfig, specs: Sequence[RequestSpec],
