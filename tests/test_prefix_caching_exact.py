@@ -6,7 +6,9 @@ A long "doc" prompt runs first (an SP prefill over the group, so its cached KV i
 the ranks), and a short one on a single rank. Then, together: the doc's first 96 tokens (whole
 blocks) and 40 new ones (the rest long enough for an SP prefill), its first 98 (not whole
 blocks: 96 are cached) and 10 new ones, the doc itself again (fully cached: the last block is
-recomputed for its logits), and the short prompt extended (its prefix cached on one rank).
+recomputed for its logits), the short prompt extended (its prefix cached on one rank), and the
+doc's first 112 tokens and one more (over SP ranks a rest must give every rank of its group
+some tokens, so the prefix gives back a block and 5 tokens are computed).
 Each must hit the cache for exactly the tokens predicted, and compute what a single worker
 without any cache computes.
 """
@@ -31,18 +33,22 @@ from csps.scheduler import RunnerOutput, Scheduler
 pytestmark = pytest.mark.slow
 
 BLOCK = 4
-NUM_BLOCKS = 64  # per rank
+NUM_BLOCKS = 80  # per rank
 MAX_TOKENS = 6
 LOGIT_TOL = 1e-4
 ALGORITHMS = {"ulysses": "", "ring": "", "csa": None}  # csa: stride 1 at every level
 CSA_STRIDE_1 = {2: "1:1,2:1", 4: "1:1,2:1,4:1"}
-# request -> tokens its admission finds cached (BLOCK = 4: whole blocks short of the last token)
-EXPECTED_HITS = {"whole": 96, "part": 96, "again": 124, "short2": 8}
+# request -> tokens its admission finds cached (BLOCK = 4: whole blocks short of the last token;
+# over an SP group, "tail" gives one block back so that both or all 4 ranks compute some)
+EXPECTED_HITS = {"whole": 96, "part": 96, "again": 124, "short2": 8, "tail": 112}
+SP_HITS = {**EXPECTED_HITS, "tail": 108}
 
 
 def _worker(model_dir, groups=None):
-    """A worker recording each request's first-token logits: its prefill's sample (a later
-    leader's decode rows are not first tokens)."""
+    """A worker recording each request's first-token logits: the row ending its prompt (not a
+    later leader's decode rows)."""
+    prompt_lens = {rid: len(ids) for phase in _phases(read_arch_config(model_dir).vocab_size)
+                   for rid, ids in phase.items()}
     worker = Worker(model_dir, read_arch_config(model_dir), "float32", "cpu", NUM_BLOCKS, BLOCK,
                     seed=0, groups=groups)
     worker.first_logits = {}
@@ -50,7 +56,8 @@ def _worker(model_dir, groups=None):
 
     def recording(logits, requests):
         for row, request in enumerate(requests):
-            if not request.is_decode:
+            if request.num_computed_tokens + request.num_scheduled_tokens == prompt_lens[
+                    request.request_id]:
                 worker.first_logits.setdefault(request.request_id, logits[row].clone())
         return sample(logits, requests)
     worker.runner.sampler.sample = recording
@@ -65,7 +72,7 @@ def _phases(vocab_size: int) -> list[dict[str, list[int]]]:
     doc, short, new = tokens(128), tokens(9), tokens(64)
     return [{"doc": doc, "short": short},
             {"whole": doc[:96] + new[:40], "part": doc[:98] + new[40:50], "again": list(doc),
-             "short2": short + new[50:56]}]
+             "short2": short + new[50:56], "tail": doc[:112] + new[56:57]}]
 
 
 def _run(scheduler: Scheduler, phases, execute) -> dict:
@@ -149,7 +156,7 @@ def test_sp_ranks_with_the_cache_compute_what_one_worker_computes(tiny_model_dir
     for algorithm in ALGORITHMS:
         per_rank = [r[algorithm] for r in results]
         hits = {rid: n for rid, (_, n) in per_rank[0]["requests"].items() if n}
-        assert hits == EXPECTED_HITS, algorithm
+        assert hits == SP_HITS, algorithm
         logits = {}
         for rank_result in per_rank:  # each request is sampled by exactly one rank
             for rid, row in rank_result["logits"].items():

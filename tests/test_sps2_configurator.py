@@ -158,7 +158,7 @@ def test_slo_tbt_picks_the_least_ttft_slice_whose_step_fits():
     sched, _ = sps2(2, num_blocks=128, slo_tbt=whole_s * 0.5, lockstep=False)
     request = make_request("long", 256)
     candidates = sched.policy.configurator._candidates(
-        sched, (request.num_tokens, NO_PREFIX), tight.degree, 0.0, [128, 128], 0.0)
+        sched, (request, NO_PREFIX), tight.degree, 0.0, [128, 128], 0.0)
     fitting = [c for c in candidates if c.step_s <= whole_s * 0.5]
     assert fitting and min(c.ttft_s for c in fitting) == pytest.approx(tight.ttft_s)
 

@@ -35,6 +35,21 @@ class CachedPrefix:
     def block_ids_on(self, rank: int) -> list[int]:
         return [b for r in self.ranges if r.rank == rank for b in r.block_ids]
 
+    def leaving(self, num_tokens: int, at_least: int, block_size: int) -> CachedPrefix:
+        """This prefix cut by whole blocks so that a num_tokens prompt has at least
+        `at_least` tokens after it (every rank of an SP group then computes some)."""
+        end = max(0, (num_tokens - at_least) // block_size * block_size)
+        if end >= self.num_tokens:
+            return self
+        kept = []
+        for r in self.ranges:
+            if r.start >= end:
+                break
+            cut = min(r.end, end)
+            kept.append(TokenRange(r.rank, r.start, cut,
+                                   r.block_ids[:(cut - r.start) // block_size]))
+        return CachedPrefix(tuple(kept))
+
 
 NO_PREFIX = CachedPrefix()
 

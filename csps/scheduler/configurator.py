@@ -37,7 +37,7 @@ from csps.kvcache.kv_cache_manager import cdiv
 from csps.kvcache.placement import split_prompt
 from csps.kvcache.prefix_cache import NO_PREFIX, CachedPrefix
 from csps.scheduler.slicing import chunk_candidates, sliced_time
-from csps.scheduler.sp_books import SpPrefillSchedule
+from csps.scheduler.sp_books import SpPrefillSchedule, pins_to_rank
 
 if TYPE_CHECKING:
     from csps.request import Request
@@ -93,24 +93,31 @@ class Sps2Configurator:
                 continue
             if degree > 1 and queue_s is None:  # the same for every SP degree
                 queue_s = self._sp_queue(scheduler, decode_s)
-            choices += self._candidates(scheduler, (n, prefix), degree, decode_s, free,
+            choices += self._candidates(scheduler, (request, prefix), degree, decode_s, free,
                                         queue_s)
+        if not choices and len(prefix.ranks) > 1:  # a short rest after a spread prefix
+            choices = self._over_prefix(scheduler, (request, prefix), decode_s, free)
         if self.slo_tbt is not None and choices:
             within = [c for c in choices if c.step_s <= self.slo_tbt]
             choices = within or [min(choices, key=lambda c: c.step_s)]
         return choices
 
-    def _candidates(self, scheduler: SchedulerBooks, work: tuple[int, CachedPrefix],
+    def _candidates(self, scheduler: SchedulerBooks, work: tuple[Request, CachedPrefix],
                     degree: int, decode_s: float, free: list[int],
                     queue_s: float | None) -> list[SpChoice]:
-        """work: the tokens to compute and the cached prefix before them; free: each rank's
-        free blocks now (the pools do not change while choosing)."""
-        (n, prefix), block_size = work, scheduler.kv_cache_manager.block_size
+        """work: the request and the cached prefix its rest follows; free: each rank's free
+        blocks now (the pools do not change while choosing)."""
+        (request, prefix), block_size = work, scheduler.kv_cache_manager.block_size
+        n = request.num_tokens - prefix.num_tokens
         if degree == 1:
             if len(prefix.ranks) > 1:
                 return []  # a prefix over several ranks is attended to by an SP prefill
-            rank = prefix.ranks[0] if prefix.ranges else max(
+            rank = prefix.ranks[0] if pins_to_rank(prefix, request.num_tokens) else max(
                 range(scheduler.sp_size), key=lambda r: (free[r], -r))
+            if rank not in prefix.ranks:  # what its admission there will find
+                prefix = scheduler.kv_cache_manager.find_cached_prefix(
+                    request, request.num_tokens, [rank])
+                n = request.num_tokens - prefix.num_tokens
             if cdiv(n, block_size) > free[rank]:
                 return []
             ttft_s, step_s = self._local_ttft(scheduler, rank, n, decode_s, prefix.num_tokens)
@@ -133,6 +140,32 @@ class Sps2Configurator:
                 choices.append(SpChoice(degree, group, queue_s + prefill_s, plan, chunk,
                                         step_s + decode_s))
         return choices
+
+    def _over_prefix(self, scheduler: SchedulerBooks, work: tuple[Request, CachedPrefix],
+                     decode_s: float, free: list[int]) -> list[SpChoice]:
+        """The rest as an SP prefill on the window of ranks holding the prefix, the one plan
+        when no allowed degree covers the prefix. Every rank of an SP prefill computes some of
+        it (the prefix it attends to must lie inside its group), so a rest with fewer tokens
+        than the window has ranks takes back whole blocks of the prefix."""
+        (request, prefix), block_size = work, scheduler.kv_cache_manager.block_size
+        group = tuple(range(prefix.ranks[0], prefix.ranks[-1] + 1))
+        prefix = prefix.leaving(request.num_tokens, len(group), block_size)
+        n = request.num_tokens - prefix.num_tokens
+        if n < len(group):
+            return []
+        lens = split_prompt(n, len(group), block_size)
+        if any(cdiv(length, block_size) > free[r] for r, length in zip(group, lens, strict=True)):
+            return []
+        chunk_lens = [0] * scheduler.sp_size
+        for rank, length in zip(group, lens, strict=True):
+            chunk_lens[rank] = length
+        attention = self.predictor.parallel.sp_attention_choice.for_group(len(group))
+        prefill_s, step_s = sliced_time(
+            n, group, 0, block_size, scheduler.sp_size,
+            functools.partial(self.predictor.sp_prefill_time, sp_attention=attention))
+        plan = SpPrefillSchedule(tuple(chunk_lens), sp_attention=attention)
+        queue_s = self._sp_queue(scheduler, decode_s)
+        return [SpChoice(len(group), group, queue_s + prefill_s, plan, 0, step_s + decode_s)]
 
     def _attention_candidates(self, degree: int) -> list[SpAttention]:
         """The deployment's SP attention on a group of `degree`, and under CSA each candidate

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from csps.scheduler.sp_books import pins_to_rank
+
 if TYPE_CHECKING:
     from csps.request import Request
     from csps.scheduler.batch import BatchBuilder
@@ -87,7 +89,7 @@ class InstanceView:
         pools, block_size = scheduler.kv_cache_manager.pools, scheduler.kv_cache_manager.block_size
         rank = max(self.instances, key=lambda r: (pools[r].num_free_blocks, -r))
         prefix = scheduler.cached_prefix(request)
-        if len(prefix.ranks) == 1:
+        if pins_to_rank(prefix, request.num_tokens):
             holder = prefix.ranks[0]
             rest = -(-(request.num_tokens - prefix.num_tokens) // block_size)
             if holder in self.instances:

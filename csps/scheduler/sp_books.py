@@ -47,6 +47,14 @@ class SpPrefillSchedule:
         raise ValueError(f"no slice of this SP prefill starts at position {start}")
 
 
+def pins_to_rank(prefix: CachedPrefix, num_tokens: int) -> bool:
+    """A cached prefix on one rank keeps its request there when it covers at least half of
+    its num_tokens prompt; a shorter one (a shared system prompt) would pile every request
+    onto the rank that cached it first, so placement balances load instead (the request then
+    hits what its own rank caches)."""
+    return len(prefix.ranks) == 1 and 2 * prefix.num_tokens >= num_tokens
+
+
 def slice_prompt(num_tokens: int, group: list[int], sp_size: int, chunk: int,
                  block_size: int) -> tuple[tuple[int, ...], ...]:
     """A chunked SP prefill's slices: each the next `chunk` tokens per rank of `group` (whole
@@ -100,18 +108,17 @@ class SequenceParallelBooks:
         rank (slice_prompt), its first slice scheduled now, the rest in later steps."""
         manager = self.kv_cache_manager
         prefix = NO_PREFIX if plan is not None and plan.kv_lens else self.cached_prefix(request)
-        allowed = set(range(self.sp_size))  # where a prefix may lie: the plan's group
-        if plan is None:
+        if plan is None:  # every rank computes some of the rest: those holding the prefix too
+            prefix = prefix.leaving(request.num_tokens, self.sp_size, manager.block_size)
             plan = SpPrefillSchedule(tuple(split_prompt(request.num_tokens - prefix.num_tokens,
                                                     self.sp_size, manager.block_size)))
-            if min(plan.chunk_lens) < 1 and not prefix.ranges:
-                return False  # NOTE: a short rest after a prefix may leave ranks idle
-        else:
-            allowed = {r for r, n in enumerate(plan.chunk_lens) if n}
+            if min(plan.chunk_lens) < 1:
+                return False
         group = [r for r, n in enumerate(plan.chunk_lens) if n]
-        if not set(prefix.ranks) <= allowed or (
-                sum(plan.chunk_lens) != request.num_tokens - prefix.num_tokens):
-            prefix = NO_PREFIX  # a plan made for the whole prompt, or a prefix elsewhere
+        cached = request.num_tokens - sum(plan.chunk_lens)  # what the plan's maker counted on
+        if cached < 0 or cached > prefix.num_tokens or cached % manager.block_size:
+            return False
+        prefix = prefix.leaving(request.num_tokens, sum(plan.chunk_lens), manager.block_size)
         suffix = request.num_tokens - prefix.num_tokens
         if sum(plan.chunk_lens) != suffix or (alone and not batch.is_empty) or (
                 not alone and not chunk and suffix > batch.token_budget):
