@@ -11,7 +11,7 @@ exactly where their hash ids agree: simulator/prompt_tokens.py), arriving at the
 times x --time-scale (the gaps between a conversation's turns decide whether a turn's prefix
 is cached when the next one comes). Reported: (a) each caching run's hit rate (prefix-cache
 hit tokens / prompt tokens looked up) against the reuse computed from the hash ids alone
-(simulator/trace_reuse.py; also at the cache's granularity: whole 16-token blocks, the last
+(bench/trace_reuse.py; also at the cache's granularity: whole 16-token blocks, the last
 prompt token recomputed) and (b) TTFT, TBT (inter-token gaps, pooled) and E2E latency per run.
 Written to --out-dir: summary.json, summary.md, prefix_cache_sim.png, commands.txt, and
 runs/LABEL.json (each a `csps bench serve` result without its per-request ITLs; not
@@ -28,12 +28,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from csps.bench.trace_reuse import reuse_of
 from csps.bench.workload import WorkloadConfig, build_workload
 from csps.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from csps.costmodel.hardware import ClusterSpec
 from csps.simulator.prompt_tokens import hash_block_tokens
 from csps.simulator.run import SimulationConfig, simulate
-from csps.simulator.trace_reuse import trace_reuse
 
 MODEL, CLUSTER, CONTEXT = "llama-3-8b-262k", "8xA100-80GB-nvlink", 262_144
 BIG_MEMORY = 8  # the hit-rate check's GPUs: A100-80GB x this much memory, all else the same
@@ -203,7 +203,7 @@ def main() -> None:
     specs = build_workload(workload)
     block_tokens = hash_block_tokens(workload.length_scale)
     pairs = [(s.input_len, s.hash_ids) for s in specs]
-    plain, cacheable = trace_reuse(pairs, block_tokens), trace_reuse(pairs, block_tokens, 16)
+    plain, cacheable = reuse_of(pairs, block_tokens), reuse_of(pairs, block_tokens, 16)
     reuse = {**dataclasses.asdict(plain), "reuse_rate": plain.reuse_rate,
              "cacheable_tokens": cacheable.reused_tokens, "cacheable_rate": cacheable.reuse_rate,
              "num_requests": len(specs), "hash_block_tokens": block_tokens,

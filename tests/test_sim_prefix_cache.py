@@ -8,13 +8,13 @@ import json
 
 import pytest
 
+from csps.bench.trace_reuse import reuse_of
 from csps.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from csps.costmodel.models import model_shape
 from csps.simulator.cluster import build_schedulers, plan_memory
 from csps.simulator.loop import RequestRecord, Simulator
 from csps.simulator.result import simulation_result
 from csps.simulator.timer import ConstantTimer
-from csps.simulator.trace_reuse import trace_reuse
 
 
 def simulator(caching=True, replicas=1, routing="least-loaded", num_blocks=64):
@@ -92,7 +92,7 @@ def test_a_mooncake_trace_hits_what_its_hash_ids_reuse(tmp_path):
     path = tmp_path / "trace.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     specs = build_workload(WorkloadConfig(dataset_name="trace", dataset_path=str(path)))
-    reuse = trace_reuse([(s.input_len, s.hash_ids) for s in specs], 512, kv_block_size=16)
+    reuse = reuse_of([(s.input_len, s.hash_ids) for s in specs], 512, kv_block_size=16)
     engine = EngineConfig(scheduler=SchedulerConfig(policy="sarathi"))
     result = simulate(SimulationConfig(engine, model="llama-3-8b", cluster="1xA100-80GB"),
                       specs)
