@@ -71,6 +71,12 @@ def test_logprobs_equal_transformers_one_worker(real_model_dir, prompt_ids, hf_l
     llm = LLM(str(real_model_dir), max_model_len=512, kv_cache_memory_bytes=1 << 26,
               scheduler="sarathi", max_num_batched_tokens=64)  # prompt in 3 chunks
     _check(llm.generate([prompt_ids], PARAMS)[0], prompt_ids, hf_logprobs)
+    # again: its blocks are cached now, but prompt logprobs need every position computed
+    again = llm.generate([prompt_ids], PARAMS)[0]
+    assert again.num_cached_tokens == 0
+    _check(again, prompt_ids, hf_logprobs)
+    plain = llm.generate([prompt_ids], SamplingParams(temperature=0, max_tokens=1))[0]
+    assert plain.num_cached_tokens == (len(prompt_ids) - 1) // 16 * 16  # others still hit
     assert_no_leak(llm)
 
 

@@ -50,9 +50,11 @@ class KVCacheManager:
         """Extra blocks needed for the request to hold `num_tokens` tokens in total."""
         return max(0, cdiv(num_tokens, self.block_size) - len(self.block_ids(request_id)))
 
-    def find_cached_prefix(self, request: TokenSource, num_tokens: int) -> CachedPrefix:
-        """The cached prefix of the request's first num_tokens tokens (nothing held yet)."""
-        return self.prefix_cache.find(request, num_tokens)
+    def find_cached_prefix(self, request: TokenSource, num_tokens: int,
+                           ranks: list[int] | None = None) -> CachedPrefix:
+        """The cached prefix of the request's first num_tokens tokens (nothing held yet);
+        `ranks` as the distributed manager takes it (this pool is rank 0)."""
+        return self.prefix_cache.find(request, num_tokens, ranks)
 
     def allocate_slots(self, request_id: str, num_tokens: int,
                        prefix: CachedPrefix = NO_PREFIX, num_prompt_tokens: int = 0) -> bool:

@@ -115,8 +115,7 @@ class Sps2Configurator:
             rank = prefix.ranks[0] if pins_to_rank(prefix, request.num_tokens) else max(
                 range(scheduler.sp_size), key=lambda r: (free[r], -r))
             if rank not in prefix.ranks:  # what its admission there will find
-                prefix = scheduler.kv_cache_manager.find_cached_prefix(
-                    request, request.num_tokens, [rank])
+                prefix = scheduler.cached_prefix(request, [rank])
                 n = request.num_tokens - prefix.num_tokens
             if cdiv(n, block_size) > free[rank]:
                 return []

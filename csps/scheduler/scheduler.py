@@ -147,7 +147,7 @@ class Scheduler(SequenceParallelBooks, StepBooks):
         """Move the head of the waiting queue to running, reserving KV for all its known tokens
         and starting from its cached prefix (its first uncached token is computed first)."""
         manager = self.kv_cache_manager
-        prefix = manager.find_cached_prefix(request, request.num_tokens)
+        prefix = self.cached_prefix(request)
         if not chunked and request.num_tokens - prefix.num_tokens > batch.token_budget:
             return False
         if not manager.allocate_slots(request.request_id, request.num_tokens, prefix,

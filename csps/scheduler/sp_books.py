@@ -187,7 +187,7 @@ class SequenceParallelBooks:
         manager = self.kv_cache_manager
         if rank is None:
             rank = max(range(self.sp_size), key=lambda r: (manager.pools[r].num_free_blocks, -r))
-        prefix = manager.find_cached_prefix(request, request.num_tokens, ranks=[rank])
+        prefix = self.cached_prefix(request, ranks=[rank])
         suffix = request.num_tokens - prefix.num_tokens
         if not chunked and suffix > batch.token_budget:
             return False
@@ -200,9 +200,13 @@ class SequenceParallelBooks:
         self._start_from(request, prefix.num_tokens)
         return self.schedule_prefill(request, batch, chunked=chunked)
 
-    def cached_prefix(self, request: Request) -> CachedPrefix:
-        """The request's longest cached prefix on any rank (nothing held)."""
-        return self.kv_cache_manager.find_cached_prefix(request, request.num_tokens)
+    def cached_prefix(self, request: Request, ranks: list[int] | None = None) -> CachedPrefix:
+        """The request's longest cached prefix on `ranks` (default: any rank; nothing held).
+        None for a request asking for prompt logprobs: every prompt position must be computed
+        to be scored (vLLM's rule); its blocks are still cached for others."""
+        if request.sampling_params.prompt_logprobs is not None:
+            return NO_PREFIX
+        return self.kv_cache_manager.find_cached_prefix(request, request.num_tokens, ranks)
 
     def _start(self, request: Request, leader: int) -> None:
         self.waiting.popleft()
