@@ -122,4 +122,4 @@ def test_random_workloads_with_shared_prefixes_preemption_and_aborts(policy, sp_
 
 @pytest.mark.parametrize("policy,sp_size", CONFIGS)
 def test_the_random_workloads_do_preempt(policy, sp_size):
-    assert sum(_run_random(policy, sp_size, seed) for seed in range(4)) > 0
+    assert sum(_run_random(policy, sp_size, seed) for seed in range(8)) > 0

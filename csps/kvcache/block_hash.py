@@ -19,6 +19,9 @@ ROOT_HASH = 0  # the parent of a sequence's first block
 class TokenSource(Protocol):
     request_id: str
 
+    @property
+    def num_prompt_tokens(self) -> int: ...
+
     def token_ids_between(self, start: int, end: int) -> list[int]: ...
 
 
@@ -57,6 +60,10 @@ class BlockHashBook:
                 parent = hash_block(parent, tuple(ids[start:start + bs]), self.extra_keys)
                 hashes.append(parent)
         return hashes[:want]
+
+    def hashes_so_far(self, request_id: str) -> list[int]:
+        """The hashes computed for the request so far (none for an unknown one)."""
+        return self._hashes.get(request_id, [])
 
     def forget(self, request_id: str) -> None:
         self._hashes.pop(request_id, None)

@@ -77,6 +77,7 @@ class PrefixCache:
         self._uncacheable: set[str] = set()
         # request -> (the pools' versions, ranks, tokens) it was found for, and the prefix
         self._found: dict[str, tuple[tuple, CachedPrefix]] = {}
+        self._pending: dict[int, str] = {}  # hash of a block being prefilled -> its request
 
     def find(self, request: TokenSource, num_tokens: int, ranks: list[int] | None = None
              ) -> CachedPrefix:
@@ -122,10 +123,36 @@ class PrefixCache:
             self.stats.queries += num_prompt_tokens
             self.stats.hits += prefix.num_tokens
 
+    def expect(self, request: TokenSource, num_cached_tokens: int) -> None:
+        """An admitted request will compute its prompt's full blocks after its cached prefix:
+        until they are computed, another request starting with them waits (`is_pending`)."""
+        if not self.enabled:
+            return
+        hashes = self._hashes.hashes(request, request.num_prompt_tokens - 1)
+        for block_hash in hashes[num_cached_tokens // self.block_size:]:
+            self._pending.setdefault(block_hash, request.request_id)
+
+    def is_pending(self, request: TokenSource, prefix: CachedPrefix) -> bool:
+        """True when the block after the request's cached prefix is being computed by another
+        request: it will be cached within that request's prefill, so waiting for it beats
+        computing it twice (the `n` samples of one prompt, one document asked twice at once)."""
+        if not self._pending:
+            return False
+        hashes = self._hashes.hashes(request, request.num_prompt_tokens - 1)
+        j = prefix.num_tokens // self.block_size
+        owner = self._pending.get(hashes[j]) if j < len(hashes) else None
+        return owner is not None and owner != request.request_id
+
+    def _done(self, request_id: str, hashes: list[int]) -> None:
+        for block_hash in hashes:
+            if self._pending.get(block_hash) == request_id:
+                del self._pending[block_hash]
+
     def mark_uncacheable(self, request_id: str) -> None:
         """The request's KV is not what exact attention computes (CSA with sparsity): none of
-        its blocks may serve another request."""
+        its blocks may serve another request (nor be waited for)."""
         self._uncacheable.add(request_id)
+        self._done(request_id, self._hashes.hashes_so_far(request_id))
 
     def register(self, request: TokenSource, ranges: tuple[TokenRange, ...],
                  num_computed_tokens: int) -> None:
@@ -139,6 +166,7 @@ class PrefixCache:
         if want <= done:
             return
         hashes = self._hashes.hashes(request, want * bs)
+        self._done(rid, hashes[done:want])  # computed, cached or not (an unaligned range)
         for r in ranges:
             if r.start % bs or r.start >= want * bs:
                 continue
@@ -150,6 +178,7 @@ class PrefixCache:
 
     def forget(self, request_id: str) -> None:
         """The request's blocks were freed (finished or preempted)."""
+        self._done(request_id, self._hashes.hashes_so_far(request_id))
         self._hashes.forget(request_id)
         self._found.pop(request_id, None)
         self._num_registered.pop(request_id, None)

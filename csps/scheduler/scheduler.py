@@ -148,8 +148,9 @@ class Scheduler(SequenceParallelBooks, StepBooks):
         and starting from its cached prefix (its first uncached token is computed first)."""
         manager = self.kv_cache_manager
         prefix = self.cached_prefix(request)
-        if not chunked and request.num_tokens - prefix.num_tokens > batch.token_budget:
-            return False
+        if manager.prefix_cache.is_pending(request, prefix) or (
+                not chunked and request.num_tokens - prefix.num_tokens > batch.token_budget):
+            return False  # (waiting for a prefix another request is computing)
         if not manager.allocate_slots(request.request_id, request.num_tokens, prefix,
                                       num_prompt_tokens=request.num_tokens):
             return False
@@ -162,6 +163,7 @@ class Scheduler(SequenceParallelBooks, StepBooks):
     def _start_from(self, request: Request, num_cached_tokens: int) -> None:
         """An admitted request's KV holds its cached prefix: computing starts after it."""
         request.num_computed_tokens = num_cached_tokens
+        self.kv_cache_manager.prefix_cache.expect(request, num_cached_tokens)
         if not request.num_preemptions:  # vLLM reports the first admission's hit
             request.num_cached_tokens = num_cached_tokens
 

@@ -108,6 +108,8 @@ class SequenceParallelBooks:
         rank (slice_prompt), its first slice scheduled now, the rest in later steps."""
         manager = self.kv_cache_manager
         prefix = NO_PREFIX if plan is not None and plan.kv_lens else self.cached_prefix(request)
+        if manager.prefix_cache.is_pending(request, prefix):
+            return False  # another request is computing the next blocks: they will be cached
         if plan is None:  # every rank computes some of the rest: those holding the prefix too
             prefix = prefix.leaving(request.num_tokens, self.sp_size, manager.block_size)
             plan = SpPrefillSchedule(tuple(split_prompt(request.num_tokens - prefix.num_tokens,
@@ -189,7 +191,8 @@ class SequenceParallelBooks:
             rank = max(range(self.sp_size), key=lambda r: (manager.pools[r].num_free_blocks, -r))
         prefix = self.cached_prefix(request, ranks=[rank])
         suffix = request.num_tokens - prefix.num_tokens
-        if not chunked and suffix > batch.token_budget:
+        if manager.prefix_cache.is_pending(request, prefix) or (
+                not chunked and suffix > batch.token_budget):
             return False
         others = [r for r in range(self.sp_size) if r != rank] if spill else []
         lens, ranks = [suffix] + [0] * len(others), [rank] + others
