@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+from policy_study import _wait_healthy  # the sibling script (run from benchmarks/)
 
 from csps.bench.trace_reuse import trace_reuse
 from csps.bench.traces import MOONCAKE_BLOCK_TOKENS, read_trace, scale_records
@@ -52,20 +52,6 @@ def conversation_subset(lines: list[str], stride: int, offset: int = 0) -> list[
         if keys[key] % stride == offset:
             chosen.append(line)
     return chosen
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before becoming healthy")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not healthy after {timeout_s} s")
 
 
 def run_one(label: str, workload: Path, args, log) -> dict:
