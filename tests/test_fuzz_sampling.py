@@ -213,7 +213,7 @@ def check_reply(reply: httpx.Response, path: str, body: dict) -> None:
 def test_random_sampling_parameters_never_break_the_server(server):
     before = greedy_text(server)
 
-    @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
               phases=[Phase.explicit, Phase.generate],  # no shrinking against a live server
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(st.lists(request_bodies(), min_size=BATCH, max_size=BATCH))

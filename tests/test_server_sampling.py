@@ -18,7 +18,7 @@ def server(real_model_dir):
 
 
 def post(server, path: str, **body) -> dict:
-    reply = httpx.post(server.url + path, json={"model": MODEL, **body}, timeout=60)
+    reply = httpx.post(server.url + path, json={"model": MODEL, **body}, timeout=180)
     assert reply.status_code == 200, reply.text
     return reply.json()
 
@@ -116,9 +116,9 @@ def test_json_schema_holds_in_20_of_20_samples(server):
         assert choice["finish_reason"] == "stop"
         jsonschema.validate(json.loads(choice["message"]["content"]), PERSON)
     objects = post(server, "/v1/chat/completions", n=4, temperature=1.0, seed=1,
-                   max_tokens=300, messages=[{"role": "user", "content": "Give me JSON."}],
+                   max_tokens=120, messages=[{"role": "user", "content": "Give me JSON."}],
                    response_format={"type": "json_object"})["choices"]
-    stopped = [c for c in objects if c["finish_reason"] == "stop"]  # seed 1: 3 of the 4
+    stopped = [c for c in objects if c["finish_reason"] == "stop"]  # seed 1: 2 of the 4
     assert len(stopped) >= 2
     assert all(isinstance(json.loads(c["message"]["content"]), dict) for c in stopped)
     bad = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
