@@ -3,6 +3,7 @@ incremental detokenizer that turns a stream of token ids into text deltas."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 # A token can end inside a multi-byte character; its decode then ends with U+FFFD.
@@ -13,9 +14,16 @@ class Tokenizer:
     """encode / decode / chat template for one model folder (no network access)."""
 
     def __init__(self, folder: str | Path) -> None:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-        self.hf_tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        # NOTE: a folder that names the generic fast class (our GGUF conversions do) loads it
+        # directly: AutoTokenizer would also import the model's config classes, about 3 s of
+        # every start here, to reach the same class.
+        config = Path(folder) / "tokenizer_config.json"
+        generic = config.is_file() and json.loads(config.read_text()).get(
+            "tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend")
+        loader = PreTrainedTokenizerFast if generic else AutoTokenizer
+        self.hf_tokenizer = loader.from_pretrained(str(folder), local_files_only=True)
         if not self.hf_tokenizer.is_fast:
             raise ValueError(f"{folder}: only fast (tokenizer.json) tokenizers are supported")
 
