@@ -94,26 +94,6 @@ def test_a_long_prompt_prefills_in_slices_that_carry_the_groups_decodes():
     assert len(sched.requests["short"].output_token_ids) == 1 + len(slices)
 
 
-def test_short_prompts_ride_beside_the_slices_of_a_long_one_under_the_budget():
-    sched = make_scheduler(sp_size=2, chunk=8, budget=6)
-    sched.add_request(make_request("long", 40))
-    (step,) = sched.schedule_steps()  # the long prompt's first slice, 16 tokens
-    sched.add_request(make_request("short", 10, max_tokens=3))
-    sched.add_request(make_request("next", 3, max_tokens=3))
-    finish(sched, step)
-    rides = []
-    while sched.requests["long"].is_prefill:
-        (step,) = sched.schedule_steps()
-        by_id = {r.request_id: r for r in step.scheduler_output.scheduled_requests}
-        assert by_id["long"].is_sp_prefill
-        rides.append({rid: r.num_scheduled_tokens for rid, r in by_id.items() if rid != "long"})
-        finish(sched, step)
-    # FCFS under the step's budget of 6 beside each slice: "short" in chunks of 6 then 4,
-    # "next" admitted once the budget has room; neither waits for the whole SP prefill
-    assert rides == [{"short": 6}, {"short": 4, "next": 2}]
-    assert sched.requests["short"].output_token_ids  # its first token beside the long one's
-
-
 def test_a_sub_group_prefill_runs_beside_steps_on_other_instances():
     predictor = make_predictor(4)
     sched = make_scheduler(sp_size=4, chunk=8, predictor=predictor, degrees=(1, 2))

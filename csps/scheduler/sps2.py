@@ -3,9 +3,7 @@
 Concurrent (the default), per step of a free component of instances:
 1. A chunked SP prefill in flight there runs its next slice (`--sp-prefill-chunk` tokens per
    rank of its group), and every decode bound to the component rides with it: a decode waits
-   at most one slice (plus the local chunks below). Local prefills ride too, under the step's
-   token budget: chunks of those in flight, then short waiting prompts admitted FCFS, so a
-   short prompt does not wait for the whole SP prefill.
+   at most one slice.
 2. Otherwise the step runs one token of every decode bound to the component, then the next
    chunks of local prefills placed on its instances (under the token budget), then admits
    waiting requests FCFS: a short prompt onto the component's instance with the most free
@@ -131,23 +129,13 @@ class Sps2Policy:
         sp_prefill = next((r for r in view.running if r.is_prefill
                            and scheduler.sp_prefill_plan(r.request_id) is not None), None)
         if sp_prefill is not None:
-            spare = batch.token_budget  # the step's budget left after its decodes
             scheduler.schedule_sp_slice(sp_prefill, batch)
-            batch.token_budget = spare  # local chunks ride beside the slice, under that budget
-            self._step_local_prefills(view, batch)
             return
         if view.waiting and view.can_run_more and self._goes_sp(scheduler, view.waiting[0]):
             if self._admit_long(view, view.waiting[0], batch):
                 return
-        self._step_local_prefills(view, batch)
-
-    def _step_local_prefills(self, view: InstanceView, batch: BatchBuilder) -> None:
-        """The next chunks of the local prefills placed on the view's instances, then short
-        waiting prompts admitted FCFS onto them, under the batch's token budget."""
-        scheduler = view.scheduler
         for request in view.running:
-            if (request.is_prefill and batch.token_budget > 0 and request not in batch
-                    and scheduler.sp_prefill_plan(request.request_id) is None):
+            if request.is_prefill and batch.token_budget > 0 and request not in batch:
                 scheduler.schedule_prefill(request, batch, chunked=True)
         while view.waiting and batch.token_budget > 0 and view.can_run_more:
             head = view.waiting[0]
