@@ -115,11 +115,12 @@ def test_json_schema_holds_in_20_of_20_samples(server):
     for choice in body["choices"]:
         assert choice["finish_reason"] == "stop"
         jsonschema.validate(json.loads(choice["message"]["content"]), PERSON)
-    objects = post(server, "/v1/chat/completions", n=4, temperature=1.0, seed=1,
+    objects = post(server, "/v1/chat/completions", n=8, temperature=1.0, seed=1,
                    max_tokens=120, messages=[{"role": "user", "content": "Give me JSON."}],
                    response_format={"type": "json_object"})["choices"]
-    stopped = [c for c in objects if c["finish_reason"] == "stop"]  # seed 1: 2 of the 4
-    assert len(stopped) >= 2
+    assert all(c["message"]["content"].lstrip().startswith("{") for c in objects)
+    stopped = [c for c in objects if c["finish_reason"] == "stop"]  # seed 1: 3 of the 8
+    assert stopped  # seeds 0-4 stop 0-3 of 4 samples within 120 tokens: 8 leave a margin
     assert all(isinstance(json.loads(c["message"]["content"]), dict) for c in stopped)
     bad = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
         "model": MODEL, "messages": [{"role": "user", "content": "x"}],
