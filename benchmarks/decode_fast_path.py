@@ -1,5 +1,6 @@
-"""Long-context decode and prefill on one worker: csps (paged in-place attention, and the
-gathering reference) vs Hugging Face transformers on the same weights, in one run (issue 16).
+"""Long-context decode and prefill on one worker: csps (paged in-place attention with the
+compiled decode kernel, the same on torch ops, and the gathering reference) vs Hugging Face
+transformers on the same weights, in one run (issue 16).
 
     .venv/bin/python benchmarks/decode_fast_path.py \
         --out benchmarks/results/decode_fast_path.json
@@ -7,8 +8,9 @@ gathering reference) vs Hugging Face transformers on the same weights, in one ru
 Decode: B requests with L-token prompts, then D greedy steps; tokens/s = B * D / time of the
 decode steps (csps: engine steps with no prompt tokens; HF: a static batch of B with
 past_key_values). Prefill: one request of N tokens in one iteration (vllm policy) vs one HF
-forward. Measurements are interleaved per point; the median of the repeats is reported, and
-each csps system's ratio over HF. A PNG of the ratios is written next to the JSON.
+forward. Prefix caching is off (the points reuse prompts). Measurements are interleaved per
+point; the median of the repeats is reported, and each csps system's ratio over HF. A PNG of
+the ratios is written next to the JSON.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def main() -> None:
     parser.add_argument("--prefill-lens", type=int, nargs="+", default=[1024, 4096, 8192])
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--systems", nargs="+", default=["paged", "reference"])
+    parser.add_argument("--systems", nargs="+", default=["paged", "paged_torch", "reference"])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); 1 is steadier on a busy host")
@@ -76,7 +78,8 @@ def main() -> None:
     max_len = max(max(args.contexts), max(args.prefill_lens)) + args.decode_steps + 8
     systems = {name: LLM(args.model, scheduler="vllm", max_num_batched_tokens=max_len,
                          dtype=args.dtype, max_model_len=max_len, attention_backend=name,
-                         kv_cache_memory_bytes=4 << 30) for name in args.systems}
+                         kv_cache_memory_bytes=4 << 30, enable_prefix_caching=False)
+               for name in args.systems}
     hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
     for llm in systems.values():  # warm-up: first calls pay one-off allocation costs
         csps_prefill_s(llm, 256, seed=99)

@@ -90,7 +90,8 @@ def main() -> None:
     torch.manual_seed(0)
     model_dir = resolve_model(args.model)
     max_len = max(args.prefill_lens) + 8
-    common = dict(dtype="float32", max_model_len=max_len, kv_cache_memory_bytes=3 << 30)
+    common = dict(dtype="float32", max_model_len=max_len, kv_cache_memory_bytes=3 << 30,
+                  enable_prefix_caching=False)  # repeated prompts must not be cache hits
     systems = {
         "csps_vllm": LLM(args.model, scheduler="vllm", max_num_batched_tokens=max_len, **common),
         "csps_sarathi512": LLM(args.model, scheduler="sarathi", max_num_batched_tokens=512,

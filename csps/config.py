@@ -16,7 +16,8 @@ CSA_FAR_QUERIES = ("all", "sampled")
 SP_DECODE_MODES = ("qmove", "kvmove")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8")  # layers/quantization.py (config stays torch-free)
-ATTENTION_BACKENDS = ("paged", "reference")  # one rank's; SP ranks use --sp-attention
+# one rank's; SP ranks use --sp-attention
+ATTENTION_BACKENDS = ("paged", "paged_torch", "reference")
 
 
 def _help(text: str) -> dict:
@@ -36,8 +37,9 @@ class ModelConfig:
         "Weights: none, or int8 (weight-only, per-row scales; use with --dtype bfloat16, whose "
         "activations the fused CPU kernel needs)."))
     attention_backend: str = field(default="paged", metadata=_help(
-        "Attention of a single-rank worker: paged (reads the KV cache in place) or reference "
-        "(gathers each request's blocks first; the plain-torch oracle)."))
+        "Attention of a single-rank worker: paged (reads the KV cache in place; fp32 decodes on "
+        "CPU through a compiled kernel built on first use), paged_torch (the same in place, "
+        "torch ops only) or reference (gathers each request's blocks first; the oracle)."))
     max_model_len: int | None = field(default=None, metadata=_help(
         "Longest prompt plus output, in tokens (default: the model's max_position_embeddings)."))
     device: str = field(default="auto", metadata=_help("auto, cpu or cuda."))

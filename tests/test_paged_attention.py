@@ -29,7 +29,7 @@ def _tables(seq_lens, layout, gen):
     return tables
 
 
-def _run(schedule, seq_lens, layout, seed=0):
+def _run(schedule, seq_lens, layout, seed=0, backend="paged"):
     """Feed the same steps to both backends on twin caches; every output must agree."""
     gen = torch.Generator().manual_seed(seed)
     qkv = {r: [torch.randn(n, h, HEAD_DIM, generator=gen)
@@ -40,7 +40,7 @@ def _run(schedule, seq_lens, layout, seed=0):
     tables = _tables(seq_lens, layout, gen)
     caches = [allocate_kv_caches(1, NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM,
                                  torch.float32, "cpu")[0] for _ in range(2)]
-    backends = [get_attention_backend("reference"), get_attention_backend("paged")]
+    backends = [get_attention_backend("reference"), get_attention_backend(backend)]
     computed = dict.fromkeys(range(len(seq_lens)), 0)
     if layout == "shared":
         computed[1] = 2 * BLOCK_SIZE
@@ -56,21 +56,22 @@ def _run(schedule, seq_lens, layout, seed=0):
             computed[r] += n
 
 
+@pytest.mark.parametrize("backend", ["paged", "paged_torch"])  # kernel decodes, torch views
 @pytest.mark.parametrize("layout", ["runs", "shuffled", "shared"])
-def test_paged_backend_matches_reference(layout):
+def test_paged_backend_matches_reference(layout, backend):
     with torch.inference_mode():
         # chunked prefill, ragged decode batches, a decode between prefill chunks
         _run([[(0, 9)], [(0, 7), (2, 13)], [(0, 1), (2, 1)], [(2, 6), (0, 1)],
               [(0, 1), (2, 1)], [(2, 1), (0, 1)]] if layout != "shared" else
              [[(0, 17)], [(1, 6), (0, 1)], [(0, 1), (1, 1)], [(1, 1)]],
-             seq_lens=[24, 20, 24], layout=layout)
+             seq_lens=[24, 20, 24], layout=layout, backend=backend)
 
 
 def test_fragmented_decode_falls_back_to_gather(monkeypatch):
     monkeypatch.setattr("csps.attention.paged.MAX_RUNS", 1)
     with torch.inference_mode():
         _run([[(0, 13), (1, 9)], [(0, 1), (1, 1)], [(1, 1), (0, 1)]],
-             seq_lens=[16, 12], layout="shuffled")
+             seq_lens=[16, 12], layout="shuffled", backend="paged_torch")
 
 
 def test_runs_of_blocks_and_slots():

@@ -45,7 +45,8 @@ class AttentionBackend(ABC):
 
 # Built-in backends, imported on first use so optional GPU dependencies never break import.
 _BUILTIN: dict[str, str] = {"reference": "csps.attention.reference:ReferenceAttentionBackend",
-                            "paged": "csps.attention.paged:PagedAttentionBackend"}
+                            "paged": "csps.attention.paged:PagedAttentionBackend",
+                            "paged_torch": "csps.attention.paged:PagedTorchAttentionBackend"}
 _REGISTERED: dict[str, type[AttentionBackend]] = {}
 
 

@@ -16,6 +16,7 @@ import torch
 
 from csps.attention.merge import merge_attn_states
 from csps.attention.metadata import AttentionMetadata
+from csps.attention.paged_kernel import kernel, paged_decode, usable
 from csps.attention.paged_views import (
     MAX_RUNS,
     SlotRun,
@@ -33,10 +34,15 @@ class PagedAttentionBackend(ReferenceAttentionBackend):
 
     name = "paged"
 
-    def __init__(self) -> None:
+    def __init__(self, use_kernel: bool = True) -> None:
         super().__init__()
+        self.use_kernel = use_kernel  # decodes through paged_kernel.py where it serves
+        if use_kernel:
+            kernel()  # built (once per machine) or loaded now, not at the first decode
         self._runs_for: AttentionMetadata | None = None
         self._runs: list[list[SlotRun]] = []  # per request: runs of its seq_len keys
+        self._decodes_for: AttentionMetadata | None = None
+        self._decodes: tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: KVCache | None, metadata: AttentionMetadata,
@@ -52,7 +58,12 @@ class PagedAttentionBackend(ReferenceAttentionBackend):
         v_flat = kv_cache.v_cache.view(-1, num_kv_heads, head_dim)
         out = torch.empty_like(q)  # [T, Hq, D]
         starts = metadata.query_starts
+        in_kernel: set[int] = set()
+        if self.use_kernel and usable(q, kv_cache.k_cache):
+            in_kernel = self._kernel_decodes(q, out, kv_cache, metadata, scale)
         for r, runs in enumerate(self._plan_runs(metadata, kv_cache)):
+            if r in in_kernel:
+                continue
             rows = slice(starts[r], starts[r + 1])
             num_computed, num_new = metadata.num_computed_tokens[r], metadata.query_lens[r]
             if num_computed == 0:
@@ -71,6 +82,25 @@ class PagedAttentionBackend(ReferenceAttentionBackend):
                 out[starts[r]] = self._gathered_decode(q[starts[r]], kv_cache, metadata, r,
                                                        scale)
         return out
+
+    def _kernel_decodes(self, q: torch.Tensor, out: torch.Tensor, kv_cache: KVCache,
+                        metadata: AttentionMetadata, scale: float) -> set[int]:
+        """Every decode of the batch (one new token over a cached prefix) in one kernel call,
+        written into out; returns their request indices."""
+        if metadata is not self._decodes_for:
+            requests = [r for r, (c, n) in enumerate(zip(metadata.num_computed_tokens,
+                                                         metadata.query_lens, strict=True))
+                        if c > 0 and n == 1]
+            index = torch.tensor([metadata.query_starts[r] for r in requests], dtype=torch.long)
+            tables = metadata.block_tables[requests].to(device="cpu", dtype=torch.long)
+            lens = torch.tensor([metadata.seq_lens[r] for r in requests], dtype=torch.long)
+            self._decodes, self._decodes_for = (requests, index, tables, lens), metadata
+        requests, index, tables, lens = self._decodes
+        if requests:
+            decoded, _ = paged_decode(q[index], kv_cache.k_cache, kv_cache.v_cache, tables, lens,
+                                      scale)  # [B, Hq, D]
+            out[index] = decoded
+        return set(requests)
 
     def _chunk_over_runs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          k_flat: torch.Tensor, v_flat: torch.Tensor, metadata: AttentionMetadata,
@@ -102,3 +132,13 @@ class PagedAttentionBackend(ReferenceAttentionBackend):
         num_blocks = -(-seq_len // kv_cache.block_size)
         keys, values = self._gather(kv_cache, metadata.block_tables[r, :num_blocks])
         return decode_over_runs(q, keys, values, [(0, seq_len)], scale)[0]
+
+
+class PagedTorchAttentionBackend(PagedAttentionBackend):
+    """"paged_torch": the same in-place reads with decodes on torch ops over views (no compiled
+    kernel); the kernel's fallback, kept selectable for comparison."""
+
+    name = "paged_torch"
+
+    def __init__(self) -> None:
+        super().__init__(use_kernel=False)
