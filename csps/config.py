@@ -16,7 +16,7 @@ CSA_FAR_QUERIES = ("all", "sampled")
 SP_DECODE_MODES = ("qmove", "kvmove")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8")  # layers/quantization.py (config stays torch-free)
-# one rank's; SP ranks use --sp-attention
+# a single rank's attention (SP ranks use --sp-attention)
 ATTENTION_BACKENDS = ("paged", "paged_torch", "reference")
 
 

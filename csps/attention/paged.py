@@ -61,7 +61,7 @@ class PagedAttentionBackend(ReferenceAttentionBackend):
         in_kernel: set[int] = set()
         if self.use_kernel and usable(q, kv_cache.k_cache):
             in_kernel = self._kernel_decodes(q, out, kv_cache, metadata, scale)
-        for r, runs in enumerate(self._plan_runs(metadata, kv_cache)):
+        for r, runs in enumerate(self._plan_runs(metadata, kv_cache, in_kernel)):
             if r in in_kernel:
                 continue
             rows = slice(starts[r], starts[r + 1])
@@ -115,13 +115,15 @@ class PagedAttentionBackend(ReferenceAttentionBackend):
         own_out, own_lse = partial_attention(q, k, v, scale=scale, causal=True)
         return merge_attn_states([prefix_out, own_out], [prefix_lse, own_lse])[0]
 
-    def _plan_runs(self, metadata: AttentionMetadata,
-                   kv_cache: KVCache) -> list[list[SlotRun]]:
-        """Each request's slot runs, computed once per batch (all layers share them)."""
+    def _plan_runs(self, metadata: AttentionMetadata, kv_cache: KVCache,
+                   skip: set[int]) -> list[list[SlotRun]]:
+        """Each request's slot runs, computed once per batch (all layers share them); none for
+        the requests in `skip` (the kernel walks their block tables itself)."""
         if metadata is not self._runs_for:
             tables = metadata.block_tables.tolist()
-            self._runs = [block_runs(table, seq_len, kv_cache.block_size)
-                          for table, seq_len in zip(tables, metadata.seq_lens, strict=True)]
+            self._runs = [[] if r in skip else block_runs(table, seq_len, kv_cache.block_size)
+                          for r, (table, seq_len) in enumerate(zip(tables, metadata.seq_lens,
+                                                                   strict=True))]
             self._runs_for = metadata
         return self._runs
 

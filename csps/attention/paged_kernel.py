@@ -64,6 +64,5 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, M] int64;
     seq_lens [B] int64, each >= 1. Returns (out [B, Hq, D], lse [B, Hq]), fp32.
     """
-    out, lse = kernel().paged_decode(q.contiguous(), k_cache, v_cache, block_tables,
-                                     seq_lens, scale)
-    return out, lse
+    return tuple(kernel().paged_decode(q.contiguous(), k_cache, v_cache, block_tables,
+                                       seq_lens, scale))
