@@ -2,7 +2,7 @@
 
 Each rank's BlockPool maps block hashes to its cached blocks; this module reads them together.
 A request's cached prefix is the longest run of its block hashes, from position 0, each found on
-some rank (the rank of the block before it preferred, so a prefix stays in few ranges); it stops
+some rank, tiled by the fewest ranges (at each start, the rank whose run reaches farthest); it stops
 before the prompt's last token, which is always recomputed for its logits (vLLM's rule). The
 KV of a computed full block is registered on the rank that holds it once it is computed, unless
 the request's KV is lossy (`mark_uncacheable`). The managers (kv_cache_manager.py,
@@ -95,24 +95,35 @@ class PrefixCache:
         return prefix
 
     def _find(self, request: TokenSource, num_tokens: int, ranks: list[int]) -> CachedPrefix:
+        """Greedy cover from position 0: at each start, the rank whose run of cached blocks
+        reaches farthest (the lower rank on a tie), so the prefix lies in as few ranges as
+        any choice allows. A block every rank caches (a shared system prompt) thus does not
+        split a prefix whose rest one rank holds."""
+        hashes = list(self._hashes.hashes(request, num_tokens - 1))
         ranges: list[TokenRange] = []
-        blocks: list[int] = []
-        rank, start = -1, 0
-        for j, block_hash in enumerate(self._hashes.hashes(request, num_tokens - 1)):
-            order = [rank] + [r for r in ranks if r != rank] if rank in ranks else ranks
-            found = next(((r, b) for r in order
-                          if (b := self.pools[r].cached_block(block_hash)) is not None), None)
-            if found is None:
+        j = 0
+        while j < len(hashes):
+            rank, blocks = -1, []
+            for r in ranks:
+                run = self._run(r, hashes, j)
+                if len(run) > len(blocks):
+                    rank, blocks = r, run
+            if not blocks:
                 break
-            if found[0] != rank and blocks:
-                ranges.append(TokenRange(rank, start, j * self.block_size, tuple(blocks)))
-                start, blocks = j * self.block_size, []
-            rank = found[0]
-            blocks.append(found[1])
-        if blocks:
-            ranges.append(TokenRange(rank, start, start + len(blocks) * self.block_size,
-                                     tuple(blocks)))
+            ranges.append(TokenRange(rank, j * self.block_size,
+                                     (j + len(blocks)) * self.block_size, tuple(blocks)))
+            j += len(blocks)
         return CachedPrefix(tuple(ranges))
+
+    def _run(self, rank: int, hashes: list[int], start: int) -> list[int]:
+        """The block ids of `rank`'s cached run of hashes[start:], up to its first miss."""
+        pool, run = self.pools[rank], []
+        for block_hash in hashes[start:]:
+            block = pool.cached_block(block_hash)
+            if block is None:
+                break
+            run.append(block)
+        return run
 
     def hold(self, request_id: str, prefix: CachedPrefix, num_prompt_tokens: int) -> None:
         """Take references to a prefix found for an admitted request, and count the query."""
