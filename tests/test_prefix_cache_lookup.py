@@ -2,7 +2,7 @@
 choice of ranks allows (at each start the rank whose cached run reaches farthest), with the
 same hit length as any rank-by-rank walk. A block every rank caches (a shared system prompt)
 must not split a prefix that one rank holds whole: that split sent short follow-up turns
-down the SP path (algorithms of docs/prefix_caching.md, 'Lookup')."""
+down the SP path (docs/prefix_caching.md, 'Lookup')."""
 
 from __future__ import annotations
 

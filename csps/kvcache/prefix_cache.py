@@ -12,6 +12,7 @@ placement.py) own the block tables; this class owns the hashes and the hit/query
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 
 from csps.contract.token_range import TokenRange
 from csps.kvcache.block_hash import BlockHashBook, TokenSource
@@ -118,7 +119,7 @@ class PrefixCache:
     def _run(self, rank: int, hashes: list[int], start: int) -> list[int]:
         """The block ids of `rank`'s cached run of hashes[start:], up to its first miss."""
         pool, run = self.pools[rank], []
-        for block_hash in hashes[start:]:
+        for block_hash in islice(hashes, start, None):  # (no copy of the list)
             block = pool.cached_block(block_hash)
             if block is None:
                 break
