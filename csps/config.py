@@ -108,8 +108,9 @@ class SchedulerConfig:
         "and slice size with the least predicted TTFT whose predicted step time stays under "
         "it (unset: --sp-prefill-chunk)."))
     lockstep: bool = field(default=False, metadata=_help(
-        "sps2: run one step over all SP ranks at a time (the engine before per-instance "
-        "steps: SP prefills whole and alone, decode iterations between), for comparison."))
+        "sps2 and loongserve: run one step over all SP ranks at a time (the engine before "
+        "per-instance steps: SP prefills whole and alone, decode iterations between), for "
+        "comparison."))
     cost_model: str = field(default="", metadata=_help(
         "Cost-model JSON (from `csps profile`) the sps2 configurator and loongserve price "
         "iterations with; empty: none for sps2 (its --long-prompt-threshold rule), the bundled "

@@ -1,6 +1,6 @@
-"""The loongserve policy (pure Python): the batching DP and its cost fit, scale-down plans,
-instance borrowing, the admission test, multi-master rebalancing, and the books under random
-workloads with aborts on a fake clock."""
+"""The loongserve policy's lock-step variant (`--lockstep`; pure Python): the batching DP and
+its cost fit, scale-down plans, instance borrowing, the admission test, multi-master
+rebalancing, and the books under random workloads with aborts on a fake clock."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from csps.scheduler.loongserve_batching import PrefillCostFit, fit_prefill_cost,
 
 
 def loong(sp_size, cost=None, num_blocks=64, degrees=None, **config):
+    config.setdefault("lockstep", True)  # these tests drive iterations over every instance
     predictor = make_predictor(sp_size, cost, sp_attention="ring")
     return make_scheduler("loongserve", sp_size, predictor, num_blocks=num_blocks,
                           degrees=degrees, **config), predictor
@@ -187,7 +188,8 @@ def test_long_prompts_are_not_starved_by_steady_decodes():
     # (weighting a decode by 1/(tokens output so far) would starve the prompt for ~2000 steps)
     predictor = make_predictor(2, FakeCostModel(per_token=1e-3, per_pair=1e-6),
                                sp_attention="ring")
-    sched = make_scheduler("loongserve", 2, predictor, num_blocks=2048, max_len=4096)
+    sched = make_scheduler("loongserve", 2, predictor, num_blocks=2048, max_len=4096,
+                           lockstep=True)
     for rid in ("a", "b"):
         sched.add_request(make_request(rid, 400, max_tokens=2000))
     for _ in range(20):

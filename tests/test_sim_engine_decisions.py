@@ -165,6 +165,17 @@ def run_simulator(config: EngineConfig, model_dir, cost_model_path, lens=PROMPT_
     return seen, simulator.timer
 
 
+@pytest.fixture(scope="module")
+def attention_bound_cost_model_path(tiny_model_dir, tmp_path_factory):
+    """The same with attention 100x dearer: splitting a long prompt over ranks pays."""
+    shape = ModelShape.from_config_file(tiny_model_dir / "config.json", dtype_bytes=4)
+    path = tmp_path_factory.mktemp("cost") / "tiny-attention-bound.json"
+    FittedCostModel(per_iteration_s=2e-3, per_token_s=2e-5, per_seq_s=1e-4, per_sampled_s=5e-5,
+                    per_attn_pair_s=2e-6, per_decode_kv_token_s=1e-7, per_byte_s=2e-9,
+                    per_collective_s=5e-5, name="tiny-attention-bound", shape=shape).to_json(path)
+    return path
+
+
 SPAWNED = pytest.mark.slow  # sp = 2: two worker processes
 
 
@@ -172,6 +183,9 @@ CHUNKED = {"lockstep": False, "sp_prefill_chunk": 64}  # 300 / 450 tokens: 3 / 4
 # Short prompts first: they run on one instance each, side by side, before the long ones bind
 # both instances (an SP prefill's group; then decodes over KV spread across both).
 SHORT_FIRST = (40, 17, 60, 90, 300, 450)
+# loongserve on steps: the first prompt alone fills the 512-token budget, prefills by ring SP
+# over both instances and is scaled down onto one; the next ones start on the other instance
+LONG_FIRST = (500, 40, 17, 60, 90, 480)
 
 
 @pytest.mark.parametrize("policy,sp,with_cost_model,scheduler", [
@@ -181,12 +195,19 @@ SHORT_FIRST = (40, 17, 60, 90, 300, 450)
     # the configurator picks degree and slice size under the SLO (here: one prompt whole, one
     # in slices of 128 tokens per rank)
     pytest.param("sps2", 2, True, {"lockstep": False, "slo_tbt": 0.01}, marks=SPAWNED),
-    pytest.param("loongserve", 2, True, {}, marks=SPAWNED)])
-def test_simulator_and_engine_schedule_identically(model_dir, cost_model_path, policy, sp,
+    pytest.param("loongserve", 2, True, {"lockstep": True}, marks=SPAWNED),
+    # per-instance steps: short prompts side by side, then ring SP prefills scaled down
+    pytest.param("loongserve", 2, True, {"lockstep": False}, marks=SPAWNED)])
+def test_simulator_and_engine_schedule_identically(model_dir, cost_model_path,
+                                                   attention_bound_cost_model_path, policy, sp,
                                                    with_cost_model, scheduler):
+    if policy == "loongserve" and not scheduler["lockstep"]:
+        cost_model_path = attention_bound_cost_model_path
     config = engine_config(model_dir, policy, sp,
                            str(cost_model_path) if with_cost_model else "none", **scheduler)
     lens = PROMPT_LENS if scheduler.get("lockstep", True) else SHORT_FIRST
+    if policy == "loongserve" and not scheduler["lockstep"]:
+        lens = LONG_FIRST
     simulated, timer = run_simulator(config, model_dir, cost_model_path, lens)
     served = run_engine(config, timer, lens)
     assert len(served) == len(simulated)
@@ -200,6 +221,7 @@ def test_simulator_and_engine_schedule_identically(model_dir, cost_model_path, p
     if not scheduler.get("lockstep", True):  # steps of one instance ran side by side
         instance_sets = [instances for instances, _ in served]
         assert (0,) in instance_sets and (1,) in instance_sets
+    if policy == "sps2" and not scheduler.get("lockstep", True):
         assert len(sp_prefills) > 2  # prompts prefilled in slices
         assert any(any(c is not None for *_, c, _, _ in step) and any(
             c is None and n == 1 for _, n, _, c, _, _ in step) for _, step in served)

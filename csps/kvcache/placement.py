@@ -119,6 +119,15 @@ class DistributedKVCacheManager:
         """The ranks a placed request's KV may grow onto (its decode group)."""
         return self._groups[request_id]
 
+    def widen_group(self, request_id: str, rank: int) -> None:
+        """Scale up: let a placed request's decode KV grow onto `rank` too. Its new blocks then
+        stay on the rank of its last range while that has room (sticky), and move to the
+        group's least-loaded rank only then."""
+        if not 0 <= rank < len(self.pools) or request_id not in self._groups:
+            raise ValueError(f"cannot widen {request_id!r} onto rank {rank}")
+        self._groups[request_id] = tuple(sorted(set(self._groups[request_id]) | {rank}))
+        self._sticky.add(request_id)
+
     def can_admit(self, chunk_lens: Sequence[int], ranks: Sequence[int]) -> bool:
         """True when every rank of the group (distinct ranks) has the blocks for its chunk."""
         if (len(chunk_lens) != len(ranks) or not ranks or len(set(ranks)) != len(ranks)

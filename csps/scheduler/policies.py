@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from csps.scheduler.configurator import Sps2Configurator
 from csps.scheduler.loongserve import LoongServePolicy
+from csps.scheduler.loongserve_steps import LoongServeStepsPolicy
 from csps.scheduler.policy import SarathiPolicy, SchedulingPolicy, VllmPolicy
 from csps.scheduler.sps2 import Sps2Policy
 
@@ -40,5 +41,6 @@ def make_policy(config: SchedulerConfig, predictor: StepPredictor | None = None,
         return Sps2Policy(config.long_prompt_threshold, config.hybrid_batching, configurator,
                           concurrent=not config.lockstep, sp_prefill_chunk=config.sp_prefill_chunk)
     if config.policy == "loongserve":
-        return LoongServePolicy(predictor, allowed_degrees, config.loongserve_sp_batch)
+        policy = LoongServePolicy if config.lockstep else LoongServeStepsPolicy
+        return policy(predictor, allowed_degrees, config.loongserve_sp_batch)
     raise ValueError(f"unknown scheduler policy {config.policy!r}; choose from {POLICIES}")

@@ -212,7 +212,10 @@ class SequenceParallelBooks:
         return self.kv_cache_manager.find_cached_prefix(request, request.num_tokens, ranks)
 
     def _start(self, request: Request, leader: int) -> None:
-        self.waiting.popleft()
+        if self.waiting[0] is request:
+            self.waiting.popleft()
+        else:  # loongserve admits a planned batch, not only the head
+            self.waiting.remove(request)
         self.running.append(request)
         request.status = RequestStatus.RUNNING
         self._leaders[request.request_id] = leader

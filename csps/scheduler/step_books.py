@@ -103,10 +103,8 @@ class StepBooks:
         if self._reserved_for is not None and (
                 not self.waiting or self.waiting[0].request_id != self._reserved_for):
             self.reserved = self._reserved_for = None
-        if self.reserved is None and self.waiting:  # a long head's group goes first when free
-            group = self.policy.head_group(self)
-            if group is not None:
-                self.reserved, self._reserved_for = hull(group), self.waiting[0].request_id
+        self._reserve_for_head()
+        replans = getattr(self.policy, "replans_each_step", False)
         steps, tried = [], set()
         while (instances := self._next_free(tried)) is not None:
             tried.add(instances)
@@ -114,7 +112,17 @@ class StepBooks:
             self.policy.schedule_step(InstanceView(self, instances), batch)
             if not batch.is_empty:
                 steps.append(self._launch(instances, self._emit(batch, instances)))
+            if replans and not batch.is_empty:  # loongserve: plan the next head on the rest
+                self._reserve_for_head()
         return steps
+
+    def _reserve_for_head(self) -> None:
+        """Reserve the waiting head's group (the policy's head_group) if nothing is reserved:
+        a long head's group goes first when free."""
+        if self.reserved is None and self.waiting:
+            group = self.policy.head_group(self)
+            if group is not None:
+                self.reserved, self._reserved_for = hull(group), self.waiting[0].request_id
 
     def _next_free(self, tried: set[tuple[int, ...]]) -> tuple[int, ...] | None:
         """The first component (joined with the reservation) whose instances are all free."""

@@ -1,0 +1,222 @@
+"""The loongserve policy on per-instance steps (the default; `--lockstep` keeps loongserve.py's
+iterations over every instance). No torch.
+
+Whenever instances become free the scheduler asks `head_group`: the policy runs LoongServe's
+global manager on the books as they are now. (1) Dispatching: the FCFS prefix of the waiting
+queue that LoongServe's admission test accepts (loongserve_admission.py). (2) Elastic instance
+allocation: a contiguous window of instances not bound to a prefill in progress, from the
+longest idle run, extended into decode instances while the borrowing test says so
+(loongserve_windows.py). (3) Batching: the DP splits the length-sorted requests over groups of
+consecutive instances of the window (loongserve_batching.py). (4) Scaling plan: the head's
+group is reserved and, once all its instances are free, its requests start in one step:
+- a one-instance group prefills its prompts whole on that instance, beside the decodes of the
+  rest of the step's component;
+- a larger group runs one ring SP prefill alone (the decodes bound to the group pause, as
+  LoongServe's borrowed instances do), its KV scaled down to the fewest consecutive group
+  instances that hold it plus decode headroom; that window is the request's decode group.
+Every other free component runs a decode step of the requests bound to it: decodes never wait
+for a prefill they are not part of. A decode whose group runs out of KV blocks scales up onto
+a neighbouring instance of its component (DistributedKVCacheManager.widen_group); masters of
+decodes spread over instances are rebalanced within the component (multi-master decoding).
+After each step starts, the next head is planned on the instances left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from csps.kvcache.placement import split_prompt
+from csps.scheduler.loongserve import LoongServePolicy
+from csps.scheduler.loongserve_admission import sorted_by_length
+from csps.scheduler.loongserve_batching import plan_prefill
+from csps.scheduler.loongserve_windows import InstanceWindow, choose_window
+from csps.scheduler.sp_books import SpPrefillSchedule
+
+if TYPE_CHECKING:
+    from csps.request import Request
+    from csps.scheduler.batch import BatchBuilder
+    from csps.scheduler.books import SchedulerBooks
+    from csps.scheduler.instances import InstanceView
+
+
+@dataclass(frozen=True)
+class PlannedGroup:
+    """The waiting head's ESP group and the requests that start with it (FCFS order)."""
+
+    head_id: str
+    ranks: tuple[int, ...]
+    requests: tuple[Request, ...]
+
+
+class WindowPlans:
+    """plans[j]: the DP's best plan on the first j instances of the window's order (lazy)."""
+
+    def __init__(self, policy: LoongServeStepsPolicy, scheduler: SchedulerBooks,
+                 requests: list[Request], window: InstanceWindow) -> None:
+        self._args = policy, scheduler, sorted_by_length(requests)
+        self._window, self._memo = window, {}
+
+    def __len__(self) -> int:
+        return len(self._window.order) + 1
+
+    def __getitem__(self, j: int):
+        j = j + len(self) if j < 0 else j
+        if j not in self._memo:
+            policy, scheduler, ordered = self._args
+            pools = scheduler.kv_cache_manager.pools
+            block = scheduler.kv_cache_manager.block_size
+            plans = plan_prefill([r.num_tokens for r in ordered],
+                                 [policy.need(scheduler, r) for r in ordered],
+                                 self._window.first(j),
+                                 lambda rank: pools[rank].num_free_blocks * block, policy.fits,
+                                 policy.max_sp_batch)
+            self._memo[j] = plans[-1]
+        return self._memo[j]
+
+
+class LoongServeStepsPolicy(LoongServePolicy):
+    concurrent = True
+    replans_each_step = True  # the scheduler asks head_group again after each step starts
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sp_prefill_alone = True
+        self.max_sp_batch = 1  # a worker's SP forward runs one request (sp_attention.py)
+        self._window: InstanceWindow | None = None
+        self._planned: PlannedGroup | None = None
+
+    def fit(self, sp_size: int, max_len: int, block_size: int) -> None:
+        if self.allowed_degrees is None:  # every contiguous sub-group has its process group
+            self.allowed_degrees = tuple(range(1, sp_size + 1))
+        super().fit(sp_size, max_len, block_size)
+
+    # ---- the global manager: planning the waiting head ----------------------------------------
+    def head_group(self, scheduler: SchedulerBooks) -> tuple[int, ...] | None:
+        self._planned = None
+        if not scheduler.waiting or not scheduler.can_run_more:
+            return None
+        if self.fits is None:
+            self.fit(scheduler.sp_size, scheduler.max_model_len,
+                     scheduler.kv_cache_manager.block_size)
+        decodes = [r for r in scheduler.running if not r.is_prefill]
+        self._window = self._choose_window(scheduler, decodes)
+        if self._window is None:
+            return None
+        admitted = self.admit(scheduler, decodes)
+        plan = self.plan(scheduler, admitted, decodes)[0] if admitted else None
+        if plan is None:
+            return None
+        ordered, head = sorted_by_length(admitted), scheduler.waiting[0]
+        group = next(g for g in plan.groups if ordered.index(head) in g.requests)
+        members = {ordered[i].request_id for i in group.requests}
+        self._planned = PlannedGroup(head.request_id, group.ranks,
+                                     tuple(r for r in admitted if r.request_id in members))
+        return group.ranks
+
+    def _choose_window(self, scheduler: SchedulerBooks,
+                       decodes: list[Request]) -> InstanceWindow | None:
+        held, weight = set(), dict.fromkeys(range(scheduler.sp_size), 0.0)
+        for request in scheduler.running:
+            span = scheduler.span_of(request.request_id)
+            if request.is_prefill:
+                held.update(span)
+            for rank in span:
+                weight[rank] += 1 / request.num_tokens
+        candidates = [i for i in range(scheduler.sp_size) if i not in held]
+        pools = scheduler.kv_cache_manager.pools
+        bound = {i for r in decodes for i in scheduler.span_of(r.request_id)}
+        return choose_window(candidates, [i for i in candidates if i not in bound],
+                             weight.get, lambda i: pools[i].num_free_blocks)
+
+    # the admission and borrowing tests of loongserve_admission.py, on the window
+    def idle_ranks(self, scheduler: SchedulerBooks, decodes: list[Request]) -> list[int]:
+        return list(self._window.base)
+
+    def rank_order(self, scheduler: SchedulerBooks, decodes: list[Request]) -> list[int]:
+        return list(self._window.order)
+
+    def _plans(self, scheduler: SchedulerBooks, requests: list[Request],
+               order: list[int]) -> WindowPlans:
+        return WindowPlans(self, scheduler, requests, self._window)
+
+    def _ranks_of(self, scheduler: SchedulerBooks, request: Request) -> set[int]:
+        return set(scheduler.span_of(request.request_id))
+
+    # ---- one step on a free component ---------------------------------------------------------
+    def schedule_step(self, view: InstanceView, batch: BatchBuilder) -> None:
+        scheduler, planned, paused = view.scheduler, self._planned, set()
+        if (planned is not None and scheduler.waiting
+                and scheduler.waiting[0].request_id == planned.head_id
+                and set(planned.ranks) <= set(view.instances)):
+            self._planned = None  # started or not, the next head is planned afresh
+            scheduler.release_reservation(planned.head_id)
+            if self._start_group(view, batch, planned):
+                if len(planned.ranks) > 1:
+                    return  # an SP prefill runs alone: the group's decodes are paused
+                paused = set(planned.ranks)  # the instance prefills this step
+        decodes = [r for r in view.running if not r.is_prefill and r not in batch
+                   and not paused & set(scheduler.span_of(r.request_id))]
+        self.rebalance_masters(scheduler, decodes)
+        for request in decodes:
+            if request in view.running and not self._decode(view, request, batch):
+                break
+
+    def _start_group(self, view: InstanceView, batch: BatchBuilder,
+                     planned: PlannedGroup) -> bool:
+        """Admit the planned requests: True when the head started."""
+        scheduler = view.scheduler
+        if len(planned.ranks) > 1:
+            (request,) = planned.requests
+            plan = self.scale_down_plan(scheduler, request, planned.ranks)
+            started = scheduler.admit_sequence_parallel(request, batch, plan, alone=True)
+            if started:
+                view.running.append(request)
+            return started
+        for request in planned.requests:
+            if request not in scheduler.waiting or not scheduler.admit_local(
+                    request, batch, rank=planned.ranks[0], chunked=False):
+                break
+            view.running.append(request)
+        return planned.requests[0] in batch
+
+    def _decode(self, view: InstanceView, request: Request, batch: BatchBuilder) -> bool:
+        """One decode token; a request whose decode group is out of KV blocks first scales up
+        onto the neighbouring instance of the view with the most free blocks."""
+        manager = view.scheduler.kv_cache_manager
+        if not manager.allocate_slots(request.request_id, request.num_tokens):
+            group = manager.group(request.request_id)
+            sides = [i for i in (group[0] - 1, group[-1] + 1)
+                     if i in view.instances and manager.pools[i].num_free_blocks]
+            if sides:
+                manager.widen_group(request.request_id,
+                                    max(sides, key=lambda i: manager.pools[i].num_free_blocks))
+        return view.schedule_decode(request, batch)
+
+    # ---- scale-down -------------------------------------------------------------------------
+    def scale_down_plan(self, scheduler: SchedulerBooks, request: Request,
+                        group) -> SpPrefillSchedule:
+        """Chunks computed over the group in rank order; KV kept on the fewest consecutive
+        group instances (the most free such window) whose free blocks hold the prompt plus
+        headroom, filled in rank order: that window is the request's decode group."""
+        manager, n = scheduler.kv_cache_manager, request.num_tokens
+        members = sorted(group)
+        chunk_lens = [0] * scheduler.sp_size
+        for rank, length in zip(members, split_prompt(n, len(members), manager.block_size),
+                                strict=True):
+            chunk_lens[rank] = length
+        room = {r: manager.pools[r].num_free_blocks * manager.block_size for r in members}
+        need = max(self.need(scheduler, request), n)
+        kept = members
+        for size in range(1, len(members) + 1):
+            windows = [members[i:i + size] for i in range(len(members) - size + 1)]
+            fitting = [w for w in windows if sum(room[r] for r in w) >= need]
+            if fitting:
+                kept = max(fitting, key=lambda w: (sum(room[r] for r in w), -w[0]))
+                break
+        kv_lens, left = [], n
+        for rank in kept:
+            take = min(left, room[rank])
+            kv_lens.append(take)
+            left -= take
+        return SpPrefillSchedule(tuple(chunk_lens), tuple(kv_lens), tuple(kept))
