@@ -22,7 +22,7 @@ class LoongServeAdmission:
 
     def admit(self, scheduler: SchedulerBooks, decodes: list[Request]) -> list[Request]:
         """The FCFS prefix of the waiting queue this iteration prefills (LoongServe's test)."""
-        manager, budget = scheduler.kv_cache_manager, scheduler.token_budget
+        manager, budget = scheduler.kv_cache_manager, self.admission_budget(scheduler)
         free = manager.total_free_tokens()
         wait_s = self.expected_wait(scheduler, decodes)
         idle = self.idle_ranks(scheduler, decodes)
@@ -70,6 +70,10 @@ class LoongServeAdmission:
         used = {rank for g in plan.groups for rank in g.ranks} if plan else set()
         idle = set(self.idle_ranks(scheduler, decodes))
         return plan, used - idle
+
+    def admission_budget(self, scheduler: SchedulerBooks) -> int:
+        """Prompt tokens one round of admissions may take: one iteration's token budget."""
+        return scheduler.token_budget
 
     def expected_wait(self, scheduler: SchedulerBooks, decodes: list[Request]) -> float:
         """Seconds until the decodes free their ranks: their mean remaining max_tokens steps

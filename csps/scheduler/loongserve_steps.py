@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING
 from csps.kvcache.placement import split_prompt
 from csps.scheduler.loongserve import LoongServePolicy
 from csps.scheduler.loongserve_admission import sorted_by_length
-from csps.scheduler.loongserve_batching import plan_prefill
-from csps.scheduler.loongserve_windows import InstanceWindow, choose_window
+from csps.scheduler.loongserve_windows import InstanceWindow, WindowPlans, choose_window
 from csps.scheduler.sp_books import SpPrefillSchedule
 
 if TYPE_CHECKING:
@@ -47,32 +46,6 @@ class PlannedGroup:
     head_id: str
     ranks: tuple[int, ...]
     requests: tuple[Request, ...]
-
-
-class WindowPlans:
-    """plans[j]: the DP's best plan on the first j instances of the window's order (lazy)."""
-
-    def __init__(self, policy: LoongServeStepsPolicy, scheduler: SchedulerBooks,
-                 requests: list[Request], window: InstanceWindow) -> None:
-        self._args = policy, scheduler, sorted_by_length(requests)
-        self._window, self._memo = window, {}
-
-    def __len__(self) -> int:
-        return len(self._window.order) + 1
-
-    def __getitem__(self, j: int):
-        j = j + len(self) if j < 0 else j
-        if j not in self._memo:
-            policy, scheduler, ordered = self._args
-            pools = scheduler.kv_cache_manager.pools
-            block = scheduler.kv_cache_manager.block_size
-            plans = plan_prefill([r.num_tokens for r in ordered],
-                                 [policy.need(scheduler, r) for r in ordered],
-                                 self._window.first(j),
-                                 lambda rank: pools[rank].num_free_blocks * block, policy.fits,
-                                 policy.max_sp_batch)
-            self._memo[j] = plans[-1]
-        return self._memo[j]
 
 
 class LoongServeStepsPolicy(LoongServePolicy):
@@ -130,6 +103,10 @@ class LoongServeStepsPolicy(LoongServePolicy):
                              weight.get, lambda i: pools[i].num_free_blocks)
 
     # the admission and borrowing tests of loongserve_admission.py, on the window
+    def admission_budget(self, scheduler: SchedulerBooks) -> int:
+        """Every group is a step of its own, each under the token budget (the DP's limit)."""
+        return scheduler.token_budget * scheduler.sp_size
+
     def idle_ranks(self, scheduler: SchedulerBooks, decodes: list[Request]) -> list[int]:
         return list(self._window.base)
 
@@ -181,16 +158,21 @@ class LoongServeStepsPolicy(LoongServePolicy):
         return planned.requests[0] in batch
 
     def _decode(self, view: InstanceView, request: Request, batch: BatchBuilder) -> bool:
-        """One decode token; a request whose decode group is out of KV blocks first scales up
-        onto the neighbouring instance of the view with the most free blocks."""
+        """One decode token. A request whose decode group is out of KV blocks first scales up
+        onto a neighbouring instance with free blocks (one of the view's first): one inside
+        the view decodes now; one outside joins the request's component, which then decodes
+        in a later step (this one skips it). False: stop scheduling decodes."""
         manager = view.scheduler.kv_cache_manager
         if not manager.allocate_slots(request.request_id, request.num_tokens):
             group = manager.group(request.request_id)
             sides = [i for i in (group[0] - 1, group[-1] + 1)
-                     if i in view.instances and manager.pools[i].num_free_blocks]
+                     if 0 <= i < len(manager.pools) and manager.pools[i].num_free_blocks]
             if sides:
-                manager.widen_group(request.request_id,
-                                    max(sides, key=lambda i: manager.pools[i].num_free_blocks))
+                rank = max(sides, key=lambda i: (i in view.instances,
+                                                 manager.pools[i].num_free_blocks))
+                manager.widen_group(request.request_id, rank)
+                if rank not in view.instances:
+                    return True
         return view.schedule_decode(request, batch)
 
     # ---- scale-down -------------------------------------------------------------------------

@@ -14,6 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from csps.scheduler.loongserve_admission import sorted_by_length
+from csps.scheduler.loongserve_batching import plan_prefill
+
+if TYPE_CHECKING:
+    from csps.request import Request
+    from csps.scheduler.books import SchedulerBooks
 
 
 def contiguous_runs(ranks: Iterable[int]) -> list[tuple[int, ...]]:
@@ -65,3 +73,31 @@ def choose_window(candidates: Iterable[int], idle: Iterable[int],
         order.append(pick)
         lo, hi = min(lo, pick), max(hi, pick)
     return InstanceWindow(tuple(base), tuple(order))
+
+
+class WindowPlans:
+    """plans[j]: the DP's best plan on the first j instances of the window's order, computed
+    when asked (the admission and borrowing tests read two or three of them). policy: the
+    loongserve policy (its need(), fits and max_sp_batch)."""
+
+    def __init__(self, policy, scheduler: SchedulerBooks,
+                 requests: list[Request], window: InstanceWindow) -> None:
+        self._args = policy, scheduler, sorted_by_length(requests)
+        self._window, self._memo = window, {}
+
+    def __len__(self) -> int:
+        return len(self._window.order) + 1
+
+    def __getitem__(self, j: int):
+        j = j + len(self) if j < 0 else j
+        if j not in self._memo:
+            policy, scheduler, ordered = self._args
+            pools = scheduler.kv_cache_manager.pools
+            block = scheduler.kv_cache_manager.block_size
+            plans = plan_prefill([r.num_tokens for r in ordered],
+                                 [policy.need(scheduler, r) for r in ordered],
+                                 self._window.first(j),
+                                 lambda rank: pools[rank].num_free_blocks * block, policy.fits,
+                                 policy.max_sp_batch, scheduler.token_budget)
+            self._memo[j] = plans[-1]
+        return self._memo[j]
