@@ -57,7 +57,8 @@ class LoongServeStepsPolicy(LoongServePolicy):
         self.sp_prefill_alone = True
         self.max_sp_batch = 1  # a worker's SP forward runs one request (sp_attention.py)
         self._window: InstanceWindow | None = None
-        self._planned: PlannedGroup | None = None
+        self._planned: PlannedGroup | None = None  # the head's group, reserved
+        self._rest: list[PlannedGroup] = []  # the last plan's other groups, in FCFS order
 
     def fit(self, sp_size: int, max_len: int, block_size: int) -> None:
         if self.allowed_degrees is None:  # every contiguous sub-group has its process group
@@ -69,6 +70,10 @@ class LoongServeStepsPolicy(LoongServePolicy):
         self._planned = None
         if not scheduler.waiting or not scheduler.can_run_more:
             return None
+        carried = self._carry_on(scheduler)
+        if carried is not None:
+            self._planned = carried
+            return carried.ranks
         if self.fits is None:
             self.fit(scheduler.sp_size, scheduler.max_model_len,
                      scheduler.kv_cache_manager.block_size)
@@ -80,12 +85,30 @@ class LoongServeStepsPolicy(LoongServePolicy):
         plan = self.plan(scheduler, admitted, decodes)[0] if admitted else None
         if plan is None:
             return None
-        ordered, head = sorted_by_length(admitted), scheduler.waiting[0]
-        group = next(g for g in plan.groups if ordered.index(head) in g.requests)
-        members = {ordered[i].request_id for i in group.requests}
-        self._planned = PlannedGroup(head.request_id, group.ranks,
-                                     tuple(r for r in admitted if r.request_id in members))
-        return group.ranks
+        ordered, groups = sorted_by_length(admitted), []
+        for group in plan.groups:
+            members = {ordered[i].request_id for i in group.requests}
+            requests = tuple(r for r in admitted if r.request_id in members)
+            groups.append(PlannedGroup(requests[0].request_id, group.ranks, requests))
+        groups.sort(key=lambda g: admitted.index(g.requests[0]))  # the head's group first
+        self._planned, self._rest = groups[0], groups[1:]
+        return self._planned.ranks
+
+    def _carry_on(self, scheduler: SchedulerBooks) -> PlannedGroup | None:
+        """The next group of the last plan when the waiting head leads it and its instances
+        are still free of prefills: the plan's groups start one after the other as their
+        instances free, without planning again."""
+        while self._rest:
+            group = self._rest.pop(0)
+            if scheduler.waiting[0].request_id != group.head_id:
+                continue
+            held = {i for r in scheduler.running if r.is_prefill
+                    for i in scheduler.span_of(r.request_id)}
+            if not held & set(group.ranks) and all(r in scheduler.waiting
+                                                   for r in group.requests):
+                return group
+        self._rest = []
+        return None
 
     def _choose_window(self, scheduler: SchedulerBooks,
                        decodes: list[Request]) -> InstanceWindow | None:
