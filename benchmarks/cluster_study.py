@@ -42,7 +42,8 @@ CLUSTERS = {"1x8-nvlink": ("8xA100-80GB-nvlink", 1), "4x8-ib": ("4x8xA100-80GB-i
 MODELS = {"llama-3-8b-262k": 1, "yi-34b-200k": 2}  # model -> TP per instance (weights fit)
 COLORS = {label: f"C{i}" for i, label in enumerate(
     ["sarathi-2048", "vllm", "sps2", "sps2-dense", "loongserve", "sps2-cluster",
-     "sps2-cluster-dense", "sps2-lockstep", "sps2-slo", "sps2-c2048"])}  # one per policy
+     "sps2-cluster-dense", "sps2-lockstep", "sps2-slo", "sps2-c2048",
+     "loongserve-lockstep"])}  # one per policy
 PAPER_UP_TO = dict(zip(FIGURES, (7.5, 1.92, 9.8, 8.2, 5.2), strict=True))
 NORMALIZED = ("mean_normalized_latency_ms", "mean_ttft_per_input_token_ms", "mean_tpot_ms")
 
@@ -63,7 +64,10 @@ def layouts(num_nodes: int, tp: int) -> dict[str, tuple[str, int, int, dict, dic
             "sps2-c2048": ("sps2", per_node, num_nodes, {"sp_attention": "csa"},
                            {"sp_prefill_chunk": 2048}),
             "sps2-slo": ("sps2", per_node, num_nodes, {"sp_attention": "csa"},
-                         {"slo_tbt": 0.1})}
+                         {"slo_tbt": 0.1}),
+            # issue 13: loongserve before per-instance steps (its old row, to the digit)
+            "loongserve-lockstep": ("loongserve", per_node, num_nodes, {"sp_attention": "ring"},
+                                    {"loongserve_sp_batch": 0, "lockstep": True})}
     if num_nodes > 1:  # one SP group over the whole cluster: its far levels cross InfiniBand
         runs["sps2-cluster"] = ("sps2", gpus // tp, 1, {"sp_attention": "csa"}, {})
         runs["sps2-cluster-dense"] = ("sps2", gpus // tp, 1, {"sp_attention": "ulysses"}, {})

@@ -47,6 +47,11 @@ SERVERS = {
     "sps2-csa-c1024": [*_SPS2, "--sp-attention", "csa", "--sp-prefill-chunk", "1024"],
     "sps2-csa-c2048": [*_SPS2, "--sp-attention", "csa", "--sp-prefill-chunk", "2048"],
     "sps2-csa-slo1": [*_SPS2, "--sp-attention", "csa", "--slo-tbt", "1.0"],
+    # issue 13: loongserve on per-instance steps (the default) against its lock-step form,
+    # and on 4 workers (real sub-groups of 2 and 3 instances)
+    "loongserve-lockstep": ["-sp", "2", "--scheduler", "loongserve", "--sp-attention", "ring",
+                            "--lockstep"],
+    "loongserve-sp4": ["-sp", "4", "--scheduler", "loongserve", "--sp-attention", "ring"],
 }
 FIGURES = ("avg TTFT", "TBT (mean ITL)", "response time", "prefill throughput",
            "decode throughput")

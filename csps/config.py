@@ -124,9 +124,10 @@ class SchedulerConfig:
     sp_prefill_degrees: str = field(default="", metadata=_help(
         "sps2 with a cost model: comma-separated SP degrees the configurator may give a long "
         "prompt (e.g. '2,4'); empty: any from 1 to the SP size."))
-    loongserve_sp_batch: int = field(default=1, metadata=_help(
-        "loongserve: most requests one multi-rank SP prefill group runs together (the workers "
-        "run one; 0 = no limit, for the simulator)."))
+    loongserve_sp_batch: int = field(default=0, metadata=_help(
+        "loongserve: most requests the batching DP puts in one multi-rank ESP group (0 = no "
+        "limit). A worker's SP forward runs one request: on per-instance steps the group runs "
+        "its requests one SP step after another; with --lockstep only the head's starts."))
 
     @property
     def allowed_sp_degrees(self) -> tuple[int, ...]:

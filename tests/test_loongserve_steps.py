@@ -201,3 +201,22 @@ def test_random_workloads_with_aborts_finish_without_leaking_kv(sp_size, seed):
     overlapping = [(a, b) for a in clock.started for b in clock.started
                    if a[2].step_id < b[2].step_id and b[0] < a[1] and a[0] < b[1]]
     assert overlapping, "no two steps ever ran at the same time"
+
+
+def test_an_esp_group_of_several_requests_runs_them_one_sp_step_after_another():
+    # only groups of both instances allowed: the DP puts all three prompts in one ESP group;
+    # the workers run one SP request at a time, so they prefill one after another on it
+    sched, predictor = loong(2, num_blocks=400)
+    sched.policy.fit(2, 512, 4)
+    sched.policy.fits = {2: sched.policy.fits[2]}
+    plan_sizes = []
+    head_group = sched.policy.head_group
+    sched.policy.head_group = lambda s: (head_group(s), plan_sizes.append(
+        len(sched.policy._plan_ids)))[0]
+    for rid in ("a", "b", "c"):
+        sched.add_request(make_request(rid, 300, max_tokens=2))
+    clock = Clock(sched, predictor).run()
+    (a,), (b,), (c,) = (sp_steps(clock, rid) for rid in "abc")
+    assert a[2].instances == b[2].instances == c[2].instances == (0, 1)
+    assert a[1] <= b[0] and b[1] <= c[0]  # one after another, in FCFS order
+    assert plan_sizes[:3] == [3, 3, 3]  # planned together, started without planning again

@@ -83,8 +83,9 @@ def plan_prefill(lengths: Sequence[int], needs: Sequence[int], ranks: Sequence[i
 
     lengths: prompt lengths sorted longest first; needs: the KV tokens each must find free in
     its group; fits: degree -> fitted cost (the allowed degrees); max_sp_batch: most requests
-    in a group of more than one rank (0 = no limit); max_batch_tokens: most prompt tokens in one
-    group's batch (a step's token budget; 0 = no limit). A group of m ranks holds a batch when
+    in a group of more than one rank (0 = no limit); max_batch_tokens: most prompt tokens in a
+    one-rank group's batch (one step's token budget; a larger group runs its requests in SP
+    steps of one each; 0 = no limit). A group of m ranks holds a batch when
     its free tokens cover the batch's needs (one rank: that rank's). None where nothing fits.
     """
     n, num_ranks = len(lengths), len(ranks)
@@ -109,7 +110,7 @@ def plan_prefill(lengths: Sequence[int], needs: Sequence[int], ranks: Sequence[i
                     if need > group_free:
                         break
                     sum_len, sum_sq, inv = sum_len + length, sum_sq + length ** 2, inv + 1 / length
-                    if max_batch_tokens and sum_len > max_batch_tokens:
+                    if max_batch_tokens and m == 1 and sum_len > max_batch_tokens:
                         break
                     cost = best[i - k][j - m] + fit.time(sum_len, sum_sq) * inv
                     if cost < best[i][j]:

@@ -54,11 +54,12 @@ class LoongServeStepsPolicy(LoongServePolicy):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.sp_prefill_alone = True
-        self.max_sp_batch = 1  # a worker's SP forward runs one request (sp_attention.py)
+        self.sp_prefill_alone = True  # a worker's SP forward runs one request: a planned
+        # group of several runs them one SP step after another on its instances
         self._window: InstanceWindow | None = None
         self._planned: PlannedGroup | None = None  # the head's group, reserved
         self._rest: list[PlannedGroup] = []  # the last plan's other groups, in FCFS order
+        self._plan_ids: set[str] = set()  # the requests of the last plan
 
     def fit(self, sp_size: int, max_len: int, block_size: int) -> None:
         if self.allowed_degrees is None:  # every contiguous sub-group has its process group
@@ -89,20 +90,24 @@ class LoongServeStepsPolicy(LoongServePolicy):
         for group in plan.groups:
             members = {ordered[i].request_id for i in group.requests}
             requests = tuple(r for r in admitted if r.request_id in members)
-            groups.append(PlannedGroup(requests[0].request_id, group.ranks, requests))
+            batches = [requests] if len(group.ranks) == 1 else [(r,) for r in requests]
+            groups += [PlannedGroup(b[0].request_id, group.ranks, b) for b in batches]
         groups.sort(key=lambda g: admitted.index(g.requests[0]))  # the head's group first
         self._planned, self._rest = groups[0], groups[1:]
+        self._plan_ids = {r.request_id for r in admitted}
         return self._planned.ranks
 
     def _carry_on(self, scheduler: SchedulerBooks) -> PlannedGroup | None:
-        """The next group of the last plan when the waiting head leads it and its instances
-        are still free of prefills: the plan's groups start one after the other as their
-        instances free, without planning again."""
+        """The next group of the last plan when the waiting head leads it and no prefill
+        outside the plan holds its instances: the plan's groups start one after the other as
+        their instances free (an SP group's requests one SP step after another), without
+        planning again."""
         while self._rest:
             group = self._rest.pop(0)
             if scheduler.waiting[0].request_id != group.head_id:
                 continue
-            held = {i for r in scheduler.running if r.is_prefill
+            held = {i for r in scheduler.running
+                    if r.is_prefill and r.request_id not in self._plan_ids
                     for i in scheduler.span_of(r.request_id)}
             if not held & set(group.ranks) and all(r in scheduler.waiting
                                                    for r in group.requests):
@@ -212,12 +217,16 @@ class LoongServeStepsPolicy(LoongServePolicy):
             chunk_lens[rank] = length
         room = {r: manager.pools[r].num_free_blocks * manager.block_size for r in members}
         need = max(self.need(scheduler, request), n)
+        decoding = {i for r in scheduler.running if not r.is_prefill
+                    for i in scheduler.span_of(r.request_id)}
         kept = members
         for size in range(1, len(members) + 1):
             windows = [members[i:i + size] for i in range(len(members) - size + 1)]
             fitting = [w for w in windows if sum(room[r] for r in w) >= need]
-            if fitting:
-                kept = max(fitting, key=lambda w: (sum(room[r] for r in w), -w[0]))
+            if fitting:  # packed where decodes already run, then at the group's edge
+                kept = max(fitting, key=lambda w: (len(decoding & set(w)),
+                                                   w[0] == members[0] or w[-1] == members[-1],
+                                                   sum(room[r] for r in w), -w[0]))
                 break
         kv_lens, left = [], n
         for rank in kept:
