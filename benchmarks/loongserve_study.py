@@ -177,7 +177,7 @@ def main() -> None:
                         help=f"most requests per probe (default per workload: {NUM_PROMPTS})")
     parser.add_argument("--span-scale", type=float, default=1.0,
                         help=f"arrival span per probe, x the default {SPAN_S} s")
-    parser.add_argument("--rel-tol", type=float, default=0.1, help="bisection tolerance")
+    parser.add_argument("--rel-tol", type=float, default=0.05, help="bisection tolerance")
     parser.add_argument("--sarathi-budget", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results" /
