@@ -43,7 +43,10 @@ START_RATE = {"sharegpt": 8.0, "leval": 1.0, "lveval": 0.1, "mixed": 0.2}
 MIN_PROMPTS, DRAIN = 30, 0.8
 LAYOUTS = {"sarathi": (1, 8, {}, {}),  # policy -> (SP, TP, ParallelConfig, SchedulerConfig)
            "sps2": (4, 2, {"sp_attention": "csa"}, {}),
-           "loongserve": (4, 2, {"sp_attention": "ring"}, {"loongserve_sp_batch": 0})}
+           "loongserve": (4, 2, {"sp_attention": "ring"}, {"loongserve_sp_batch": 0}),
+           # the policy before per-instance steps (issue 13's "before" row)
+           "loongserve-lockstep": (4, 2, {"sp_attention": "ring"},
+                                   {"loongserve_sp_batch": 0, "lockstep": True})}
 POLICIES = tuple(LAYOUTS)
 
 
@@ -67,7 +70,7 @@ def sim_config(policy: str, sarathi_budget: int) -> SimulationConfig:
     sp, tp, parallel, scheduler = LAYOUTS[policy]
     if policy == "sarathi":
         scheduler = {"max_num_batched_tokens": sarathi_budget}
-    engine = EngineConfig(scheduler=SchedulerConfig(policy=policy, **scheduler),
+    engine = EngineConfig(scheduler=SchedulerConfig(policy=policy.split("-")[0], **scheduler),
                           parallel=ParallelConfig(sequence_parallel_size=sp,
                                                   tensor_parallel_size=tp, **parallel))
     return SimulationConfig(engine, model=MODEL, cluster=CLUSTER, sp_degrees="all")

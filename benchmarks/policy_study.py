@@ -51,7 +51,8 @@ SERVERS = {
     # and on 4 workers (real sub-groups of 2 and 3 instances)
     "loongserve-lockstep": ["-sp", "2", "--scheduler", "loongserve", "--sp-attention", "ring",
                             "--lockstep"],
-    "loongserve-sp4": ["-sp", "4", "--scheduler", "loongserve", "--sp-attention", "ring"],
+    "loongserve-sp4": ["-sp", "4", "--scheduler", "loongserve", "--sp-attention", "ring",
+                       "--cost-model", "csps/costmodel/profiles/cpu-smollm2-135m-sp4.json"],
 }
 FIGURES = ("avg TTFT", "TBT (mean ITL)", "response time", "prefill throughput",
            "decode throughput")
