@@ -160,11 +160,12 @@ def main() -> None:
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M')} {' '.join(sys.argv)}\n")
         paths = {label: run_one(label, args, log) for label in args.configs}
     results = {label: json.loads(p.read_text()) for label, p in paths.items()}
-    table, data = ratio_table(results)
-    print(table)
-    (args.out_dir / "figures.json").write_text(json.dumps(data, indent=1) + "\n")
-    (args.out_dir / "figures.md").write_text(table + "\n")
-    plot(data["ratios_vs_sarathi"], args.out_dir / "figures.png")
+    if "sarathi" in results:  # the ratios need the baseline in the same run
+        table, data = ratio_table(results)
+        print(table)
+        (args.out_dir / "figures.json").write_text(json.dumps(data, indent=1) + "\n")
+        (args.out_dir / "figures.md").write_text(table + "\n")
+        plot(data["ratios_vs_sarathi"], args.out_dir / "figures.png")
     subprocess.run([str(Path(sys.executable).with_name("csps")), "bench", "compare",
                     *map(str, paths.values()), "--out-plot", str(args.out_dir / "compare.png"),
                     "--out-md", str(args.out_dir / "compare.md")], check=False)
