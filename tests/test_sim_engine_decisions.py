@@ -105,11 +105,15 @@ def model_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cost_model_path(tiny_model_dir, tmp_path_factory):
     """A fitted model of the tiny Llama (made-up, plausible CPU coefficients)."""
-    shape = ModelShape.from_config_file(tiny_model_dir / "config.json", dtype_bytes=4)
-    path = tmp_path_factory.mktemp("cost") / "tiny-fitted.json"
+    return write_cost_model(tiny_model_dir, tmp_path_factory, "tiny-test", 2e-8)
+
+
+def write_cost_model(model_dir, tmp_path_factory, name: str, per_attn_pair_s: float):
+    shape = ModelShape.from_config_file(model_dir / "config.json", dtype_bytes=4)
+    path = tmp_path_factory.mktemp("cost") / f"{name}.json"
     FittedCostModel(per_iteration_s=2e-3, per_token_s=2e-5, per_seq_s=1e-4, per_sampled_s=5e-5,
-                    per_attn_pair_s=2e-8, per_decode_kv_token_s=1e-7, per_byte_s=2e-9,
-                    per_collective_s=5e-5, name="tiny-test", shape=shape).to_json(path)
+                    per_attn_pair_s=per_attn_pair_s, per_decode_kv_token_s=1e-7,
+                    per_byte_s=2e-9, per_collective_s=5e-5, name=name, shape=shape).to_json(path)
     return path
 
 
@@ -168,12 +172,7 @@ def run_simulator(config: EngineConfig, model_dir, cost_model_path, lens=PROMPT_
 @pytest.fixture(scope="module")
 def attention_bound_cost_model_path(tiny_model_dir, tmp_path_factory):
     """The same with attention 100x dearer: splitting a long prompt over ranks pays."""
-    shape = ModelShape.from_config_file(tiny_model_dir / "config.json", dtype_bytes=4)
-    path = tmp_path_factory.mktemp("cost") / "tiny-attention-bound.json"
-    FittedCostModel(per_iteration_s=2e-3, per_token_s=2e-5, per_seq_s=1e-4, per_sampled_s=5e-5,
-                    per_attn_pair_s=2e-6, per_decode_kv_token_s=1e-7, per_byte_s=2e-9,
-                    per_collective_s=5e-5, name="tiny-attention-bound", shape=shape).to_json(path)
-    return path
+    return write_cost_model(tiny_model_dir, tmp_path_factory, "tiny-attention-bound", 2e-6)
 
 
 SPAWNED = pytest.mark.slow  # sp = 2: two worker processes

@@ -125,17 +125,23 @@ class LoongServePolicy(LoongServeAdmission):
             if not ok:
                 return
 
+    @staticmethod
+    def group_chunks(scheduler: SchedulerBooks, num_tokens: int,
+                     group: Sequence[int]) -> list[int]:
+        """A prompt split block-aligned over the group in rank order, per SP rank (0 outside)."""
+        members, chunk_lens = sorted(group), [0] * scheduler.sp_size
+        for rank, length in zip(members, split_prompt(
+                num_tokens, len(members), scheduler.kv_cache_manager.block_size), strict=True):
+            chunk_lens[rank] = length
+        return chunk_lens
+
     def scale_down_plan(self, scheduler: SchedulerBooks, request: Request,
                         group: Sequence[int]) -> SpPrefillSchedule:
         """Chunks computed over the group in rank order; KV kept on the fewest group ranks, most
         free first, whose free blocks hold the prompt plus headroom, each filled in turn; every
         other SP rank joins the decode group with 0 tokens (scale-up room)."""
         manager, n = scheduler.kv_cache_manager, request.num_tokens
-        members = sorted(group)
-        chunk_lens = [0] * scheduler.sp_size
-        for rank, length in zip(members, split_prompt(n, len(members), manager.block_size),
-                                strict=True):
-            chunk_lens[rank] = length
+        chunk_lens = self.group_chunks(scheduler, n, group)
         by_free = sorted(group, key=lambda r: (-manager.pools[r].num_free_blocks, r))
         need, kept, room = self.need(scheduler, request), [], 0
         for rank in by_free:

@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from csps.kvcache.placement import split_prompt
 from csps.scheduler.loongserve import LoongServePolicy
 from csps.scheduler.loongserve_admission import sorted_by_length
 from csps.scheduler.loongserve_windows import InstanceWindow, WindowPlans, choose_window
@@ -117,16 +116,15 @@ class LoongServeStepsPolicy(LoongServePolicy):
 
     def _choose_window(self, scheduler: SchedulerBooks,
                        decodes: list[Request]) -> InstanceWindow | None:
-        held, weight = set(), dict.fromkeys(range(scheduler.sp_size), 0.0)
+        held, bound = set(), set()  # instances of prefills / of decodes
+        weight = dict.fromkeys(range(scheduler.sp_size), 0.0)
         for request in scheduler.running:
             span = scheduler.span_of(request.request_id)
-            if request.is_prefill:
-                held.update(span)
+            (held if request.is_prefill else bound).update(span)
             for rank in span:
                 weight[rank] += 1 / request.num_tokens
         candidates = [i for i in range(scheduler.sp_size) if i not in held]
         pools = scheduler.kv_cache_manager.pools
-        bound = {i for r in decodes for i in scheduler.span_of(r.request_id)}
         return choose_window(candidates, [i for i in candidates if i not in bound],
                              weight.get, lambda i: pools[i].num_free_blocks)
 
@@ -210,11 +208,7 @@ class LoongServeStepsPolicy(LoongServePolicy):
         group instances (the most free such window) whose free blocks hold the prompt plus
         headroom, filled in rank order: that window is the request's decode group."""
         manager, n = scheduler.kv_cache_manager, request.num_tokens
-        members = sorted(group)
-        chunk_lens = [0] * scheduler.sp_size
-        for rank, length in zip(members, split_prompt(n, len(members), manager.block_size),
-                                strict=True):
-            chunk_lens[rank] = length
+        members, chunk_lens = sorted(group), self.group_chunks(scheduler, n, group)
         room = {r: manager.pools[r].num_free_blocks * manager.block_size for r in members}
         need = max(self.need(scheduler, request), n)
         decoding = {i for r in scheduler.running if not r.is_prefill
