@@ -137,10 +137,15 @@ class Sps2Policy:
         for request in view.running:
             if request.is_prefill and batch.token_budget > 0 and request not in batch:
                 scheduler.schedule_prefill(request, batch, chunked=True)
-        while view.waiting and batch.token_budget > 0 and view.can_run_more:
-            head = view.waiting[0]
-            if self._goes_sp(scheduler, head) or not view.admit_local(head, batch):
-                break  # a long head waits for its group (reserved): no overtaking
+        for request in list(view.waiting):  # FCFS per instance
+            if batch.token_budget <= 0 or not view.can_run_more:
+                break
+            if self._goes_sp(scheduler, request):
+                break  # a long prompt waits for its group (reserved): no overtaking
+            if view.waits_elsewhere(request):
+                continue  # its prefix's instance is busy elsewhere: the next one may run here
+            if not view.admit_local(request, batch):
+                break
 
     def head_group(self, scheduler: SchedulerBooks) -> tuple[int, ...] | None:
         """The instances the waiting head needs together, if it is a long prompt."""
