@@ -76,6 +76,8 @@ def run_one(label: str, args, log) -> Path:
     csps = str(Path(sys.executable).with_name("csps"))
     port = find_free_port()
     serve = [csps, "serve", args.model, "--port", str(port), *SERVERS[label], *args.serve_flags]
+    if args.step_traces:
+        serve += ["--step-trace", str(args.out_dir / f"{label}.steps.jsonl")]
     bench = [csps, "bench", "serve", "--base-url", f"http://127.0.0.1:{port}",
              "--dataset-name", "trace", "--dataset-path", args.trace,
              "--num-prompts", str(args.num_prompts), "--length-scale", str(args.length_scale),
@@ -151,6 +153,8 @@ def main() -> None:
     parser.add_argument("--time-scale", type=float, default=10.0)
     parser.add_argument("--max-input-len", type=int, default=7000)
     parser.add_argument("--configs", nargs="+", default=list(SERVERS), choices=list(SERVERS))
+    parser.add_argument("--step-traces", action="store_true",
+                        help="each server writes its --step-trace to OUT_DIR/LABEL.steps.jsonl")
     parser.add_argument("--serve-flags", nargs=argparse.REMAINDER, default=[],
                         help="extra `csps serve` flags for every config (last on the line)")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/policy_study"))

@@ -25,6 +25,7 @@ from csps.config import (
     CacheConfig,
     EngineConfig,
     ModelConfig,
+    ObservabilityConfig,
     ParallelConfig,
     SchedulerConfig,
     parse_bytes,
@@ -34,7 +35,7 @@ logger = logging.getLogger("csps.serve")
 
 # EngineConfig field -> the config class that fills it.
 CONFIG_GROUPS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-                 "parallel": ParallelConfig}
+                 "parallel": ParallelConfig, "observability": ObservabilityConfig}
 # Fields whose flag is not simply `--field-name`.
 FLAG_NAMES = {
     "policy": ("--scheduler",),

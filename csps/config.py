@@ -224,11 +224,21 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class ObservabilityConfig:
+    step_trace: str | None = field(default=None, metadata=_help(
+        "Write one JSON line per executed step (its instances, start and end time, each "
+        "request's computed and scheduled tokens and KV placement) to this file; `csps "
+        "simulate` writes the same lines for its simulated steps "
+        "(benchmarks/step_trace_compare.py prices a real trace with the cost model)."))
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
 
     def __post_init__(self) -> None:
         """Resolve policy "auto" and refuse a policy that cannot drive the SP group. loongserve

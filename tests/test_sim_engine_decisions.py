@@ -20,8 +20,16 @@ import shutil
 
 import pytest
 
-from csps.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from csps.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ObservabilityConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from csps.contract.step import RunnerOutput, SchedulerOutput, Step
+from csps.contract.step_trace import read_step_trace
 from csps.costmodel.fitted import FittedCostModel
 from csps.costmodel.shape import ModelShape
 from csps.request import SamplingParams
@@ -166,7 +174,19 @@ def run_simulator(config: EngineConfig, model_dir, cost_model_path, lens=PROMPT_
     records = simulator.run([RequestRecord(f"req-{i}", n, MAX_TOKENS, 0.0)
                              for i, n in enumerate(lens)])
     assert all(len(r.token_times) == MAX_TOKENS and not r.error for r in records)
+    if simulator.step_trace is not None:
+        simulator.step_trace.close()
     return seen, simulator.timer
+
+
+def with_trace(config: EngineConfig, path) -> EngineConfig:
+    return dataclasses.replace(config, observability=ObservabilityConfig(step_trace=str(path)))
+
+
+def traced_decisions(path) -> list[tuple]:
+    """A --step-trace file's steps in the order they were scheduled, as record_decisions."""
+    steps = sorted(read_step_trace(path), key=lambda s: s.step_id)
+    return [(s.instances, decisions(s.scheduler_output)) for s in steps]
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +220,7 @@ LONG_FIRST = (500, 480, 40, 450)
     pytest.param("loongserve", 2, True, {"lockstep": False}, marks=SPAWNED)])
 def test_simulator_and_engine_schedule_identically(model_dir, cost_model_path,
                                                    attention_bound_cost_model_path, policy, sp,
-                                                   with_cost_model, scheduler):
+                                                   with_cost_model, scheduler, tmp_path):
     if policy == "loongserve" and not scheduler["lockstep"]:
         cost_model_path = attention_bound_cost_model_path
     config = engine_config(model_dir, policy, sp,
@@ -208,11 +228,18 @@ def test_simulator_and_engine_schedule_identically(model_dir, cost_model_path,
     lens = PROMPT_LENS if scheduler.get("lockstep", True) else SHORT_FIRST
     if policy == "loongserve" and not scheduler["lockstep"]:
         lens = LONG_FIRST
-    simulated, timer = run_simulator(config, model_dir, cost_model_path, lens)
-    served = run_engine(config, timer, lens)
+    traces = {side: tmp_path / f"{side}-steps.jsonl" for side in ("sim", "engine")}
+    simulated, timer = run_simulator(with_trace(config, traces["sim"]), model_dir,
+                                     cost_model_path, lens)
+    served = run_engine(with_trace(config, traces["engine"]), timer, lens)
     assert len(served) == len(simulated)
     for index, (a, b) in enumerate(zip(served, simulated, strict=True)):
         assert a == b, f"step {index + 1} differs"
+    # --step-trace: both sides wrote every step, read back as the cost model prices it
+    assert traced_decisions(traces["engine"]) == served
+    assert traced_decisions(traces["sim"]) == simulated
+    for step in read_step_trace(traces["sim"]):
+        assert timer(step.scheduler_output).seconds == pytest.approx(step.seconds, rel=1e-9)
     flat = [d for _, step in served for d in step]
     assert sum(n for _, n, *_ in flat) == sum(lens) + len(lens) * (MAX_TOKENS - 1)
     sp_prefills = [(chunks, ranks) for *_, chunks, ranks, _ in flat if chunks is not None]

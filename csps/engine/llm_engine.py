@@ -12,6 +12,7 @@ from typing import Any
 
 from csps.config import EngineConfig
 from csps.contract.step import RunnerOutput, Step
+from csps.contract.step_trace import StepTraceWriter
 from csps.engine.errors import QueueFullError
 from csps.engine.executor import Executor, make_executor
 from csps.engine.output_processor import RequestState, finished_stats, record_token_time
@@ -50,6 +51,9 @@ class LLMEngine:
         self.scheduler = build_scheduler(config, num_blocks, self.max_model_len, predictor)
         self._states: dict[str, RequestState] = {}
         self._parents = ParentBook()  # n > 1: child requests by parent
+        trace = config.observability.step_trace
+        self._trace = StepTraceWriter(trace) if trace else None  # --step-trace
+        self._trace_origin = time.monotonic()
 
     # ---- admission --------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
@@ -114,6 +118,8 @@ class LLMEngine:
                 metrics = self._states[scheduled.request_id].metrics
                 metrics.first_scheduled_time = metrics.first_scheduled_time or now
             self.executor.submit(step)
+            if self._trace is not None:
+                self._trace.started(step, time.monotonic() - self._trace_origin)
         stats = IterationStats()
         stats.num_preempted_reqs = self.scheduler.num_preemptions - preemptions_before
         stats.prefix_cache_queries = cache.queries - queries_before
@@ -132,6 +138,8 @@ class LLMEngine:
     def _book(self, step: Step, runner_output: RunnerOutput,
               stats: IterationStats) -> list[RequestOutput]:
         """A finished step: scheduler books, then detokenize and time each new token."""
+        if self._trace is not None:
+            self._trace.finished(step, time.monotonic() - self._trace_origin)
         updates = self.scheduler.update_from_step(step, runner_output)
         now = time.monotonic()
         stats.num_prompt_tokens += step.scheduler_output.num_prefill_tokens
@@ -214,4 +222,6 @@ class LLMEngine:
         self.executor.check_health()
 
     def shutdown(self) -> None:
+        if self._trace is not None:
+            self._trace.close()
         self.executor.shutdown()

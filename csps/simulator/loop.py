@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from csps.bench.traces import MOONCAKE_BLOCK_TOKENS
 from csps.contract.step import SchedulerOutput, Step
+from csps.contract.step_trace import StepTraceWriter
 from csps.request import Request, SamplingParams
 from csps.scheduler import RunnerOutput, Scheduler
 from csps.simulator.prompt_tokens import prompt_token_ids
@@ -111,6 +112,7 @@ class Simulator:
         # Replicas where something changed (a step ended, a request arrived) and that have
         # unfinished requests: the only ones a new step can start on.
         self._ready: set[int] = set()
+        self.step_trace: StepTraceWriter | None = None  # --step-trace: a line per step
 
     def run(self, records: Sequence[RequestRecord]) -> list[RequestRecord]:
         """Simulate the requests to completion; returns the records, filled in, in order."""
@@ -191,10 +193,14 @@ class Simulator:
             self.stats[replica].add(output, cost)
             seq = self._push(now + cost.seconds, STEP_END, replica)
             self._in_flight[seq] = (replica, step)
+            if self.step_trace is not None:
+                self.step_trace.started(step, now, replica)
 
     def _end_step(self, seq: int, now: float) -> None:
         replica, step = self._in_flight.pop(seq)
         self._ready.add(replica)
+        if self.step_trace is not None:
+            self.step_trace.finished(step, now, replica)
         sampled = {r.request_id: FAKE_TOKEN for r in step.scheduler_output.scheduled_requests
                    if r.do_sample}
         for update in self.schedulers[replica].update_from_step(step, RunnerOutput(sampled)):

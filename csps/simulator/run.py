@@ -17,6 +17,7 @@ from csps.bench.metrics import GoodputSLOs
 from csps.bench.traces import MOONCAKE_BLOCK_TOKENS
 from csps.bench.workload import RequestSpec
 from csps.config import EngineConfig
+from csps.contract.step_trace import StepTraceWriter
 from csps.costmodel.hardware import ClusterSpec
 from csps.costmodel.models import max_position_embeddings, model_shape
 from csps.costmodel.roofline import DTYPE_BYTES, RooflineCostModel
@@ -104,6 +105,8 @@ def build_simulator(config: SimulationConfig,
     timer = CostModelTimer(cost_model, shape, parallel, engine.cache.block_size)
     simulator = Simulator(schedulers, timer, config.max_concurrency, on_request_done,
                           config.hash_block_tokens, config.routing)
+    if engine.observability.step_trace:
+        simulator.step_trace = StepTraceWriter(engine.observability.step_trace)
     cost_dict = cost_model.to_dict() if hasattr(cost_model, "to_dict") else {"name": path}
     info = {"simulation": {k: v for k, v in dataclasses.asdict(config).items() if k != "engine"},
             "engine": engine.to_dict(), "cost_model": cost_dict,
@@ -121,7 +124,11 @@ def simulate(config: SimulationConfig, specs: Sequence[RequestSpec],
              on_request_done: Callable[[RequestRecord], None] | None = None) -> dict:
     """Run the workload; the bench-serve result dict with "simulator" and "config" added."""
     simulator, info = build_simulator(config, on_request_done)
-    records = simulator.run(records_from_specs(specs))
+    try:
+        records = simulator.run(records_from_specs(specs))
+    finally:
+        if simulator.step_trace is not None:
+            simulator.step_trace.close()
     result = simulation_result(records, simulator, slos)
     result["config"] = info
     return result
