@@ -38,10 +38,12 @@ TARGET = 0.15  # issue 7: median absolute error at most 15%
 NAMES = {"ttft": "TTFT", "tbt": "TBT (mean ITL)", "e2el": "E2E latency"}
 
 
-def replay(real: dict, engine, use_predictor: bool) -> tuple[dict, dict]:
+def replay(real: dict, engine, use_predictor: bool, timing_cost_model: str = ""
+           ) -> tuple[dict, dict]:
     """(the simulated result, the comparison) of replaying `real` on `engine`."""
     indices, specs = replay_specs(real)
-    config = SimulationConfig(engine, model=engine.model.model, use_predictor=use_predictor)
+    config = SimulationConfig(engine, model=engine.model.model, use_predictor=use_predictor,
+                              timing_cost_model=timing_cost_model)
     simulated = simulate(config, specs)
     return simulated, compare_results(real, simulated, indices)
 
@@ -95,6 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
                         max_model_len=8192)
     parser.add_argument("--predictor", choices=("auto", "on", "off"), default="auto",
                         help="policies plan with the cost model: auto = loongserve only")
+    parser.add_argument("--timing-cost-model", default="",
+                        help="price the simulated steps with this profile (e.g. fitted on the "
+                             "real run's --step-trace by step_trace_compare.py --fit-out); "
+                             "--cost-model still plans, as it did in the server")
     parser.add_argument("--label", default=None, help="file prefix (default: the result's)")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/sim_validation"))
     parser.add_argument("--no-plot", action="store_true")
@@ -103,11 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
     use_predictor = {"on": True, "off": False}.get(
         args.predictor, engine.scheduler.policy == "loongserve")
     real = json.loads(args.result.read_text())
-    simulated, comparison = replay(real, engine, use_predictor)
+    simulated, comparison = replay(real, engine, use_predictor, args.timing_cost_model)
     label = args.label or args.result.stem
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = {"real_result": str(args.result), "engine": engine.to_dict(),
-              "use_predictor": use_predictor, "target_median_abs_error": TARGET,
+              "use_predictor": use_predictor, "timing_cost_model": args.timing_cost_model,
+              "target_median_abs_error": TARGET,
               "metrics": comparison}
     (args.out_dir / f"{label}-sim.json").write_text(json.dumps(simulated) + "\n")
     (args.out_dir / f"{label}-validation.json").write_text(json.dumps(report, indent=1) + "\n")

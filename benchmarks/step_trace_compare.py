@@ -14,17 +14,24 @@ prompts they carry. For each group: the steps, their measured and predicted seco
 and the median of predicted / measured. With --sim-trace (a replay's `csps simulate
 --step-trace`), the two runs' step counts and seconds per group are set side by side too.
 Writes LABEL-steps.json and LABEL-steps.png (predicted vs measured, one point per step).
+With --fit-out PATH the cost model's coefficients are also fitted on the trace's own steps
+(NNLS, every 4th step held out, as `csps profile` fits its crafted steps) and written there:
+a profile of this machine as it ran the workload, concurrency and all.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
+from datetime import datetime, timezone
 from pathlib import Path
 
 from csps.cli import add_engine_args, config_from_args
 from csps.contract.step_trace import TracedStep, read_step_trace
+from csps.costmodel.profile_cli import fit_records, format_report
+from csps.costmodel.work import iteration_work
 from csps.scheduler.predictor import BUNDLED_PROFILE
 from csps.simulator.loop import iteration_kind
 from csps.simulator.run import SimulationConfig, build_simulator
@@ -101,6 +108,25 @@ def plot(steps: list[TracedStep], predicted: list[float], path: Path, title: str
     plt.close(fig)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Measured:  # what fit_records reads of a profiled step
+    kind: str
+    works: list
+    step_s: float
+    execute_s: float
+
+
+def fit_from_trace(steps: list[TracedStep], timer, name: str, base) -> object:
+    """A FittedCostModel of the traced steps' measured times (zero-length steps left out)."""
+    records = [_Measured(group_of(s).split(" ")[0], iteration_work(
+        s.scheduler_output, timer.shape, timer.parallel, timer.block_size), s.seconds, s.seconds)
+        for s in steps if s.seconds > 0]
+    return fit_records(records, name=name, shape=timer.shape,
+                       parallel=getattr(base, "parallel", {}),
+                       machine={"fitted_from": "step trace"},
+                       date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("trace", type=Path, help="the real run's --step-trace file")
@@ -111,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a replay's --step-trace file, to set beside the real steps")
     parser.add_argument("--label", default=None, help="file prefix (default: the trace's)")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/step_trace"))
+    parser.add_argument("--fit-out", type=Path, default=None,
+                        help="also fit a cost model on the trace's steps and write it here")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     engine = config_from_args(args)
@@ -133,6 +161,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     print(f"{len(steps)} steps: {total_measured:.1f} s measured, {sum(predicted):.1f} s "
           f"predicted")
+    if args.fit_out is not None:
+        fitted = fit_from_trace(steps, simulator.timer, args.fit_out.stem,
+                                simulator.timer.cost_model)
+        fitted.to_json(args.fit_out)
+        report["fitted"] = {"path": str(args.fit_out), **fitted.to_dict()}
+        print(format_report(fitted))
     if not args.no_plot:
         plot(steps, predicted, args.out_dir / f"{label}-steps.png",
              f"{label}: steps priced by {Path(engine.scheduler.cost_model).name}")

@@ -8,11 +8,12 @@ Concurrent (the default), per step of a free component of instances:
    chunks of local prefills placed on its instances (under the token budget), then admits
    waiting requests FCFS per instance: a short prompt onto the instance holding its cached
    prefix, else the component's instance with the most free blocks (one waiting for a busy
-   instance outside the component lets those behind it in here); a long one (at least `long_prompt_threshold` tokens, or more than a rank holds) as
-   an SP prefill over its group (the whole SP group, or the configurator's choice), whose first
-   slice then rides with the decodes instead of local chunks. If the group reaches beyond the
-   component, the group is reserved: its instances take no new step until all are free, so
-   instances outside it keep serving their own requests meanwhile.
+   instance outside the component lets those behind it in here); a long one (at least
+   `long_prompt_threshold` tokens, or more than a rank holds) as an SP prefill over its group
+   (the whole SP group, or the configurator's choice), whose first slice then rides with the
+   decodes instead of local chunks. If the group reaches beyond the component, the group is
+   reserved: its instances take no new step until all are free, so instances outside it keep
+   serving their own requests meanwhile.
 With `--lockstep` it runs as before per-instance steps (`schedule`): one iteration over every
 instance, prefill and decode iterations alternating, a long prompt prefilled whole and alone.
 """

@@ -45,6 +45,9 @@ class SimulationConfig:
     # prompt tokens per Mooncake hash id: 512 x the workload's length_scale (prompt_tokens.py)
     hash_block_tokens: int = MOONCAKE_BLOCK_TOKENS
     routing: str = "least-loaded"  # which replica gets a request (routing.py ROUTINGS)
+    # A second cost model that prices the steps, where the machine differs from the model the
+    # engine plans with (e.g. fitted on a real run's --step-trace); "": the engine's model.
+    timing_cost_model: str = ""
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -102,12 +105,20 @@ def build_simulator(config: SimulationConfig,
     elif config.sp_degrees == "all":
         kwargs["allowed_sp_degrees"] = list(range(1, sp + 1))
     schedulers = build_schedulers(engine, plan, config.num_replicas, **kwargs)
-    timer = CostModelTimer(cost_model, shape, parallel, engine.cache.block_size)
+    if config.timing_cost_model:
+        from csps.costmodel.load import load_cost_model
+
+        timing = load_cost_model(config.timing_cost_model)
+    else:
+        timing = cost_model
+    timer = CostModelTimer(timing, shape, parallel, engine.cache.block_size)
     simulator = Simulator(schedulers, timer, config.max_concurrency, on_request_done,
                           config.hash_block_tokens, config.routing)
     if engine.observability.step_trace:
         simulator.step_trace = StepTraceWriter(engine.observability.step_trace)
     cost_dict = cost_model.to_dict() if hasattr(cost_model, "to_dict") else {"name": path}
+    if timing is not cost_model:
+        cost_dict = {"planning": cost_dict, "timing": timing.to_dict()}
     info = {"simulation": {k: v for k, v in dataclasses.asdict(config).items() if k != "engine"},
             "engine": engine.to_dict(), "cost_model": cost_dict,
             "memory": dataclasses.asdict(plan), "shape": dataclasses.asdict(shape)}
