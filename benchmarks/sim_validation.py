@@ -29,6 +29,8 @@ import argparse
 import json
 from pathlib import Path
 
+from csps.bench.serve import WORKLOAD_FLAGS, block_tokens
+from csps.bench.workload import WorkloadConfig, build_workload
 from csps.cli import add_engine_args, config_from_args
 from csps.scheduler.predictor import BUNDLED_PROFILE
 from csps.simulator.replay import METRICS, compare_results, replay_specs
@@ -38,12 +40,29 @@ TARGET = 0.15  # issue 7: median absolute error at most 15%
 NAMES = {"ttft": "TTFT", "tbt": "TBT (mean ITL)", "e2el": "E2E latency"}
 
 
-def replay(real: dict, engine, use_predictor: bool, timing_cost_model: str = ""
-           ) -> tuple[dict, dict]:
+def with_hash_ids(real: dict) -> dict:
+    """The result with its requests' prefix hash ids (and tokens per id). Results of a trace
+    replay saved before the bench recorded them get them from the trace again, rebuilt with
+    the run's own workload flags (the same specs, in the same order)."""
+    if "hash_ids" in real:
+        return real
+    config = real.get("config", {})
+    workload = WorkloadConfig(**{k: config[k] for k in WORKLOAD_FLAGS if k in config})
+    specs = build_workload(workload) if workload.dataset_name == "trace" else []
+    if len(specs) != len(real["input_lens"]):
+        return {**real, "hash_ids": None, "hash_block_tokens": block_tokens(workload)}
+    return {**real, "hash_ids": [list(s.hash_ids) for s in specs],
+            "hash_block_tokens": block_tokens(workload)}
+
+
+def replay(real: dict, engine, use_predictor: bool, timing_cost_model: str = "",
+           admission_s: float = 0.0, arrival_starts_steps: bool = True) -> tuple[dict, dict]:
     """(the simulated result, the comparison) of replaying `real` on `engine`."""
-    indices, specs = replay_specs(real)
+    indices, specs = replay_specs(real, admission_s)
     config = SimulationConfig(engine, model=engine.model.model, use_predictor=use_predictor,
-                              timing_cost_model=timing_cost_model)
+                              timing_cost_model=timing_cost_model,
+                              hash_block_tokens=real["hash_block_tokens"],
+                              arrival_starts_steps=arrival_starts_steps)
     simulated = simulate(config, specs)
     return simulated, compare_results(real, simulated, indices)
 
@@ -101,6 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="price the simulated steps with this profile (e.g. fitted on the "
                              "real run's --step-trace by step_trace_compare.py --fit-out); "
                              "--cost-model still plans, as it did in the server")
+    parser.add_argument("--admission-ms", type=float, default=0.0,
+                        help="the server's time to admit one request: requests sent together "
+                             "reach the scheduler this far apart (default: 0)")
+    parser.add_argument("--engine-arrivals", action="store_true",
+                        help="schedule on an arrival only when no step is in flight, as the "
+                             "engine's loop does today (default: free instances start at once)")
     parser.add_argument("--label", default=None, help="file prefix (default: the result's)")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/sim_validation"))
     parser.add_argument("--no-plot", action="store_true")
@@ -108,12 +133,14 @@ def main(argv: list[str] | None = None) -> dict:
     engine = config_from_args(args)
     use_predictor = {"on": True, "off": False}.get(
         args.predictor, engine.scheduler.policy == "loongserve")
-    real = json.loads(args.result.read_text())
-    simulated, comparison = replay(real, engine, use_predictor, args.timing_cost_model)
+    real = with_hash_ids(json.loads(args.result.read_text()))
+    simulated, comparison = replay(real, engine, use_predictor, args.timing_cost_model,
+                                   args.admission_ms / 1e3, not args.engine_arrivals)
     label = args.label or args.result.stem
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = {"real_result": str(args.result), "engine": engine.to_dict(),
               "use_predictor": use_predictor, "timing_cost_model": args.timing_cost_model,
+              "admission_ms": args.admission_ms, "engine_arrivals": args.engine_arrivals,
               "target_median_abs_error": TARGET,
               "metrics": comparison}
     (args.out_dir / f"{label}-sim.json").write_text(json.dumps(simulated) + "\n")

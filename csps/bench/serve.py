@@ -107,6 +107,9 @@ def run_serve(args: argparse.Namespace, tokenizer: TextTokenizer | None = None) 
               **summarize(outcome.results, outcome.duration_s, slos),
               **prefix_cache_fields(outcome.prefix_cache_before, outcome.prefix_cache_after),
               "trace_reuse": reuse,
+              # what a replay needs to rebuild the shared prompt blocks (simulator/replay.py)
+              "hash_ids": [list(s.hash_ids) for s in specs] if reuse is not None else None,
+              "hash_block_tokens": block_tokens(workload),
               "config": {k: v for k, v in vars(args).items() if k not in ("handler", "parser")}}
     result["config"]["model"] = model
     print(format_summary(result))

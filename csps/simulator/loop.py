@@ -113,6 +113,10 @@ class Simulator:
         # unfinished requests: the only ones a new step can start on.
         self._ready: set[int] = set()
         self.step_trace: StepTraceWriter | None = None  # --step-trace: a line per step
+        # True: an arrival starts steps on free instances at once. False: only on a replica
+        # with no step in flight, as the engine's loop does today (it waits for a step to end
+        # before it schedules again); for replaying real runs.
+        self.arrival_starts_steps = True
 
     def run(self, records: Sequence[RequestRecord]) -> list[RequestRecord]:
         """Simulate the requests to completion; returns the records, filled in, in order."""
@@ -170,7 +174,9 @@ class Simulator:
                 continue
             self._live[record.request_id] = record
             self._requests[record.request_id] = request
-            self._ready.add(replica)
+            if self.arrival_starts_steps or not any(
+                    r == replica for r, _ in self._in_flight.values()):
+                self._ready.add(replica)
 
     def _fail(self, record: RequestRecord, now: float, error: str) -> None:
         record.error, record.finish_s = error, now

@@ -7,10 +7,14 @@ generated lengths (`input_lens`, `output_lens`) and its measured `ttfts`, `itls`
 times, same lengths, max_tokens = the tokens the real server generated, which under
 ignore_eos is what was asked); `compare_results` pairs each request's real and simulated
 TTFT, TBT (the request's mean inter-token latency) and E2E latency, and gives the relative
-errors (simulated - real) / real and their median absolute value per metric.
+errors (simulated - real) / real and their median absolute value per metric. A trace
+replay's `hash_ids` (one list per request; `hash_block_tokens` tokens per id) go with the specs,
+so the simulator's prompts share what the real prompts shared and its prefix cache hits alike.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -19,16 +23,22 @@ from csps.bench.workload import RequestSpec
 METRICS = ("ttft", "tbt", "e2el")  # per request: first token, mean ITL, end-to-end (s)
 
 
-def replay_specs(result: dict) -> tuple[list[int], list[RequestSpec]]:
-    """(indices into the result's arrays, specs) of its successful requests, in send order."""
+def replay_specs(result: dict, admission_s: float = 0.0) -> tuple[list[int], list[RequestSpec]]:
+    """(indices into the result's arrays, specs) of its successful requests, in send order.
+    admission_s: the server admits one request at a time (HTTP, tokenization), so requests
+    sent closer together than that reach its scheduler admission_s apart, in send order."""
     errors = result.get("errors") or [""] * len(result["input_lens"])
     kept = [i for i, error in enumerate(errors) if not error and result["output_lens"][i] > 0]
     if not kept:
         raise ValueError("the result has no successful request to replay")
     kept.sort(key=lambda i: result["start_times"][i])
     origin = result["start_times"][kept[0]]
-    specs = [RequestSpec(result["start_times"][i] - origin, int(result["input_lens"][i]),
-                         int(result["output_lens"][i])) for i in kept]
+    hash_ids = result.get("hash_ids") or [()] * len(result["input_lens"])
+    specs, at = [], -math.inf
+    for i in kept:
+        at = max(result["start_times"][i] - origin, at + admission_s)
+        specs.append(RequestSpec(at, int(result["input_lens"][i]), int(result["output_lens"][i]),
+                                 tuple(hash_ids[i])))
     return kept, specs
 
 

@@ -48,6 +48,9 @@ class SimulationConfig:
     # A second cost model that prices the steps, where the machine differs from the model the
     # engine plans with (e.g. fitted on a real run's --step-trace); "": the engine's model.
     timing_cost_model: str = ""
+    # False: a request arriving while a replica has a step in flight waits for a step to end
+    # before anything is scheduled (the engine's loop today); True: free instances start at once.
+    arrival_starts_steps: bool = True
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -114,6 +117,7 @@ def build_simulator(config: SimulationConfig,
     timer = CostModelTimer(timing, shape, parallel, engine.cache.block_size)
     simulator = Simulator(schedulers, timer, config.max_concurrency, on_request_done,
                           config.hash_block_tokens, config.routing)
+    simulator.arrival_starts_steps = config.arrival_starts_steps
     if engine.observability.step_trace:
         simulator.step_trace = StepTraceWriter(engine.observability.step_trace)
     cost_dict = cost_model.to_dict() if hasattr(cost_model, "to_dict") else {"name": path}
