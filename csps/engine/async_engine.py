@@ -14,6 +14,7 @@ from csps.config import EngineConfig
 from csps.engine.errors import EngineDeadError, QueueFullError
 from csps.engine.llm_engine import LLMEngine
 from csps.engine.outputs import IterationStats, RequestOutput
+from csps.engine.wakeup import Wakeup
 from csps.request import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ class AsyncLLMEngine:
         self.max_model_len = engine.max_model_len
         self.tokenizer = engine.tokenizer
         self._commands: queue.Queue = queue.Queue()
+        self._wakeup = Wakeup()  # a command wakes the loop even while steps are in flight
+        engine.wake = self._wakeup
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stat_loggers: list[Callable[[IterationStats], None]] = []
         self._thread: threading.Thread | None = None
@@ -60,10 +63,11 @@ class AsyncLLMEngine:
 
     async def shutdown(self) -> None:
         self._stopping = True
-        self._commands.put(("wake", None))
+        self._command("wake", None)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
         self.engine.shutdown()
+        self._wakeup.close()
 
     # ---- caller side ------------------------------------------------------------------------
     async def generate(self, prompt: str | None, prompt_token_ids: list[int],
@@ -79,7 +83,7 @@ class AsyncLLMEngine:
             await self.start()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(("add", (request_id, prompt, prompt_token_ids, sampling_params)))
+        self._command("add", (request_id, prompt, prompt_token_ids, sampling_params))
         finished = False
         try:
             while not finished:
@@ -91,10 +95,14 @@ class AsyncLLMEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                self._commands.put(("abort", request_id))
+                self._command("abort", request_id)
 
     async def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._command("abort", request_id)
+
+    def _command(self, kind: str, payload) -> None:
+        self._commands.put((kind, payload))
+        self._wakeup.set()
 
     # ---- engine thread ----------------------------------------------------------------------
     def _publish(self, request_id: str, item: RequestOutput | BaseException) -> None:
@@ -123,6 +131,7 @@ class AsyncLLMEngine:
         try:
             while not self._stopping:
                 block = not self.engine.has_unfinished_requests()
+                self._wakeup.clear()  # a command queued after this wakes the next step()
                 try:
                     while True:
                         self._apply(*self._commands.get(block=block, timeout=None))

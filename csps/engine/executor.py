@@ -24,9 +24,13 @@ class Executor(Protocol):
         another step's instances). Raises WorkerError as execute_model does."""
         ...
 
-    def wait_steps(self, timeout_s: float | None = None) -> list[tuple[Step, RunnerOutput]]:
+    def wait_steps(self, timeout_s: float | None = None, wake=None
+                   ) -> list[tuple[Step, RunnerOutput]]:
         """Block until at least one submitted step has finished (none in flight: return []);
-        every step finished by then with its workers' merged output."""
+        every step finished by then with its workers' merged output. `wake` (a Wakeup): also
+        return, possibly with nothing, once it is set (a request arrived or was aborted), so
+        the engine can start steps on idle instances; executors that run steps to completion
+        in submit() may ignore it."""
         ...
 
     def check_health(self) -> None:
@@ -51,8 +55,9 @@ class UniProcExecutor:
     def submit(self, step: Step) -> None:
         self._done.append((step, self.worker.execute_step(step)))
 
-    def wait_steps(self, timeout_s: float | None = None) -> list[tuple[Step, RunnerOutput]]:
-        done, self._done = self._done, []
+    def wait_steps(self, timeout_s: float | None = None, wake=None
+                   ) -> list[tuple[Step, RunnerOutput]]:
+        done, self._done = self._done, []  # submit() ran each step: nothing to wait for
         return done
 
     def check_health(self) -> None:

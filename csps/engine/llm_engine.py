@@ -54,6 +54,9 @@ class LLMEngine:
         trace = config.observability.step_trace
         self._trace = StepTraceWriter(trace) if trace else None  # --step-trace
         self._trace_origin = time.monotonic()
+        # Set by AsyncLLMEngine: step() then also returns when a request arrives or is aborted,
+        # so that instances the steps in flight leave idle start new work at once.
+        self.wake = None
 
     # ---- admission --------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
@@ -125,7 +128,8 @@ class LLMEngine:
         stats.prefix_cache_queries = cache.queries - queries_before
         stats.prefix_cache_hits = cache.hits - hits_before
         outputs = []
-        for step, runner_output in self.executor.wait_steps():
+        woken = {} if self.wake is None else {"wake": self.wake}
+        for step, runner_output in self.executor.wait_steps(**woken):
             outputs += self._parents.wrap(self._book(step, runner_output, stats))
         return outputs, self._with_load(stats)
 

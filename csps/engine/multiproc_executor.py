@@ -84,6 +84,7 @@ class MultiProcExecutor:
         self._procs: list[mp.Process] = []
         self._conns: list[Connection] = []
         self._runs = StepRuns(self.world_size)
+        self._submitted: dict[int, float] = {}  # step id -> when it was submitted (timeouts)
         # NOTE: a finalizer, not __del__: runs once, on shutdown(), garbage collection or exit.
         self._finalizer = weakref.finalize(self, release_workers, self._procs, self._conns)
         try:
@@ -142,19 +143,28 @@ class MultiProcExecutor:
         """Start a step on the ranks of its instances (SP rank s: world ranks s*tp...)."""
         ranks = [s * self.tp_size + t for s in step.instances for t in range(self.tp_size)]
         self._runs.start(step, ranks)
+        self._submitted[step.step_id] = time.monotonic()
         self._send(ranks, "execute_step", (step,))
 
-    def wait_steps(self, timeout_s: float | None = None) -> list[tuple[Step, RunnerOutput]]:
-        """Block until at least one step in flight has finished on all its ranks; every step
-        finished by then, with its ranks' outputs merged. WorkerError if any rank fails."""
+    def wait_steps(self, timeout_s: float | None = None, wake=None
+                   ) -> list[tuple[Step, RunnerOutput]]:
+        """Block until at least one step in flight has finished on all its ranks, or `wake`
+        is set (then possibly with nothing); every step finished by then, with its ranks'
+        outputs merged. WorkerError if any rank fails, or a step in flight has run longer
+        than the timeout since it was submitted (a wake does not restart that clock)."""
         timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         done: list[tuple[Step, RunnerOutput]] = []
         while self._runs.in_flight and not done:
+            deadline = None if timeout_s is None else min(self._submitted.values()) + timeout_s
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             busy = self._runs.busy_ranks
+            woken = [] if wake is None else [wake.waitable]
             ready = set(wait([*(self._conns[r] for r in busy),
-                              *(p.sentinel for p in self._procs)], remaining))
+                              *(p.sentinel for p in self._procs), *woken], remaining))
+            if woken and woken[0] in ready:
+                ready.discard(woken[0])
+                if not ready:
+                    return done  # nothing finished: the engine schedules for the newcomer
             if not ready:
                 self._fail([Failure(r, f"worker rank {r} did not answer within "
                                        f"{timeout_s:g} s") for r in busy])
@@ -173,6 +183,8 @@ class MultiProcExecutor:
                         failures.append(self._died(rank))
             if failures:
                 self._fail(failures)
+        for step, _ in done:
+            self._submitted.pop(step.step_id, None)
         return done
 
     def check_health(self) -> None:

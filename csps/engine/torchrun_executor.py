@@ -116,9 +116,12 @@ class TorchrunExecutor:
             else:
                 self._mail.post_call(rank, ("execute_step", (step,)))
 
-    def wait_steps(self, timeout_s: float | None = None) -> list[tuple[Step, RunnerOutput]]:
+    def wait_steps(self, timeout_s: float | None = None, wake=None
+                   ) -> list[tuple[Step, RunnerOutput]]:
         """Block until at least one step in flight has finished on all its ranks; every step
-        finished by then, merged (the control bytes since the last wait go to the first)."""
+        finished by then, merged (the control bytes since the last wait go to the first).
+        NOTE: `wake` is not waited on here (the replies come through the store): a request
+        that arrives meanwhile is scheduled when a step ends."""
         done: list[tuple[Step, RunnerOutput]] = []
         while self._runs.in_flight and not done:
             for rank, result in self._replies_in(self._runs.busy_ranks, timeout_s):
