@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "reach the scheduler this far apart (default: 0)")
     parser.add_argument("--engine-arrivals", action="store_true",
                         help="schedule on an arrival only when no step is in flight, as the "
-                             "engine's loop does today (default: free instances start at once)")
+                             "engine did before its Wakeup and the torchrun executor does "
+                             "(default: free instances start at once)")
     parser.add_argument("--label", default=None, help="file prefix (default: the result's)")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/sim_validation"))
     parser.add_argument("--no-plot", action="store_true")

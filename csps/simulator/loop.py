@@ -113,9 +113,9 @@ class Simulator:
         # unfinished requests: the only ones a new step can start on.
         self._ready: set[int] = set()
         self.step_trace: StepTraceWriter | None = None  # --step-trace: a line per step
-        # True: an arrival starts steps on free instances at once. False: only on a replica
-        # with no step in flight, as the engine's loop does today (it waits for a step to end
-        # before it schedules again); for replaying real runs.
+        # True: an arrival starts steps on free instances at once (the engine since its
+        # Wakeup). False: only on a replica with no step in flight, as the engine did before
+        # (and the torchrun executor still does); for replaying such runs.
         self.arrival_starts_steps = True
 
     def run(self, records: Sequence[RequestRecord]) -> list[RequestRecord]:

@@ -49,7 +49,8 @@ class SimulationConfig:
     # engine plans with (e.g. fitted on a real run's --step-trace); "": the engine's model.
     timing_cost_model: str = ""
     # False: a request arriving while a replica has a step in flight waits for a step to end
-    # before anything is scheduled (the engine's loop today); True: free instances start at once.
+    # before anything is scheduled (the engine before its Wakeup, the torchrun executor);
+    # True: free instances start at once.
     arrival_starts_steps: bool = True
 
     def __post_init__(self) -> None:
