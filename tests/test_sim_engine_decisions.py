@@ -16,7 +16,6 @@ engine's executor is wrapped to report finished steps in the order of the simula
 from __future__ import annotations
 
 import dataclasses
-import shutil
 
 import pytest
 
@@ -100,14 +99,9 @@ class ClockedExecutor:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir, tmp_path_factory):
+def model_dir(tiny_engine_dir):
     """The tiny Llama with a byte-level tokenizer (the engine loads one)."""
-    from test_executor import save_byte_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_engine")
-    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
-    save_byte_tokenizer(folder)
-    return folder
+    return tiny_engine_dir
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,15 @@ flight)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from test_simulator import engine, small_simulator
 
+from csps.costmodel.fitted import FittedCostModel
+from csps.costmodel.models import model_shape
 from csps.simulator.loop import RequestRecord
 from csps.simulator.replay import replay_specs
+from csps.simulator.run import SimulationConfig, build_simulator
 from csps.simulator.timer import ConstantTimer
 
 
@@ -40,12 +45,6 @@ def test_arrivals_start_steps_at_once_or_after_the_step_in_flight():
 
 
 def test_a_timing_cost_model_prices_the_steps_and_the_engines_model_plans(tmp_path):
-    import dataclasses
-
-    from csps.costmodel.fitted import FittedCostModel
-    from csps.costmodel.models import model_shape
-    from csps.simulator.run import SimulationConfig, build_simulator
-
     shape = model_shape("llama-2-7b")
     paths = {}
     for name, per_iteration_s in (("planning", 0.5), ("timing", 2.0)):

@@ -81,43 +81,38 @@ class InstanceView:
         batch.add(request, 1)
         return True
 
-    def admit_local(self, request: Request, batch: BatchBuilder) -> bool:
-        """The waiting request onto the instance holding its cached prefix, else the one of
-        this view with the most free blocks. False (nothing changes) when it waits elsewhere
-        (`waits_elsewhere`) or its KV does not fit."""
-        rank = self._local_rank(request)
+    def admit_local(self, request: Request, batch: BatchBuilder, rank: int | None = None
+                    ) -> bool:
+        """The waiting request onto `rank` (default: `local_rank`). False (nothing changes)
+        when it waits elsewhere or its KV does not fit."""
+        rank = self.local_rank(request) if rank is None else rank
         if rank is None or not self.scheduler.admit_local(request, batch, rank=rank):
             return False
         self.running.append(request)
         return True
 
-    def waits_elsewhere(self, request: Request) -> bool:
-        """True when a short waiting request waits for something outside this view, not for
-        room in it: its cached prefix lies on an instance outside the view that has room for
-        the rest of its prompt, or another request is computing the blocks after its prefix.
-        Such a request does not hold up the ones behind it on these instances (each instance
-        still admits in FCFS order)."""
-        rank = self._local_rank(request)
-        if rank is None:
-            return True
-        scheduler = self.scheduler
-        prefix = scheduler.cached_prefix(request, ranks=[rank])
-        return scheduler.kv_cache_manager.prefix_cache.is_pending(request, prefix)
-
-    def _local_rank(self, request: Request) -> int | None:
-        """Where admit_local places the request; None while it waits for its prefix's
-        instance outside the view."""
+    def local_rank(self, request: Request) -> int | None:
+        """Where a short waiting request goes in this view: the instance holding its cached
+        prefix, else the one with the most free blocks. None while it waits for something
+        outside the view, not for room in it: its prefix lies on an instance outside the view
+        that has room for the rest of its prompt, or another request is computing the blocks
+        after its prefix. Such a request does not hold up the ones behind it on these
+        instances (each instance still admits in FCFS order)."""
         scheduler = self.scheduler
         pools, block_size = scheduler.kv_cache_manager.pools, scheduler.kv_cache_manager.block_size
         prefix = scheduler.cached_prefix(request)
+        rank = max(self.instances, key=lambda r: (pools[r].num_free_blocks, -r))
         if pins_to_rank(prefix, request.num_tokens):
             holder = prefix.ranks[0]
             rest = -(-(request.num_tokens - prefix.num_tokens) // block_size)
             if holder in self.instances:
-                return holder
-            if pools[holder].num_free_blocks >= rest:
+                rank = holder
+            elif pools[holder].num_free_blocks >= rest:
                 return None
-        return max(self.instances, key=lambda r: (pools[r].num_free_blocks, -r))
+        if scheduler.kv_cache_manager.prefix_cache.is_pending(
+                request, scheduler.cached_prefix(request, ranks=[rank])):
+            return None
+        return rank
 
     def reserve(self, group: Sequence[int]) -> None:
         """Keep `group`'s instances from new steps until all are free, for the waiting head

@@ -144,9 +144,10 @@ class Sps2Policy:
                 break
             if self._goes_sp(scheduler, request):
                 break  # a long prompt waits for its group (reserved): no overtaking
-            if view.waits_elsewhere(request):
-                continue  # its prefix's instance is busy elsewhere: the next one may run here
-            if not view.admit_local(request, batch):
+            rank = view.local_rank(request)
+            if rank is None:
+                continue  # it waits for an instance elsewhere: the next one may run here
+            if not view.admit_local(request, batch, rank):
                 break
 
     def head_group(self, scheduler: SchedulerBooks) -> tuple[int, ...] | None:
