@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from csps.kvcache.causal_split import causal_balanced_split
 from csps.kvcache.placement import split_prompt
 from csps.scheduler.loongserve_admission import LoongServeAdmission, sorted_by_length
 from csps.scheduler.loongserve_batching import PrefillGroup, PrefillPlan, fit_prefill_cost
@@ -58,12 +59,18 @@ class LoongServePolicy(LoongServeAdmission):
         self.max_new_per_iteration = max_new_per_iteration  # bounds the DP's size
         self.sp_prefill_alone = sp_prefill_alone  # the workers run an SP prefill alone
         self.fits = None  # degree -> PrefillCostFit, fitted on the first schedule()
+        self.balance_ring = False  # causal-balanced ring chunks (kvcache/causal_split.py)
+        self._ring_work = None  # (per token, per attention pair) seconds on one rank
 
     def fit(self, sp_size: int, max_len: int, block_size: int) -> None:
         """Fit T_m = A + B*sum(l) + C*sum(l^2) per allowed degree m on predictor samples."""
         degrees = sorted({d for d in self.allowed_degrees or (1, sp_size) if 1 <= d <= sp_size})
         lengths = sorted({max(block_size, max_len >> s) for s in range(8)})
         self.fits = {}
+        if self.balance_ring:  # a chunk's work on one rank: per_token * n + per_pair * pairs
+            local = fit_prefill_cost([([n], self.predictor.local_prefill_time([(0, n, 0)]))
+                                      for n in lengths])
+            self._ring_work = (local.b, 2 * local.c)
         for m in degrees:
             samples = []
             for n in lengths:
@@ -72,7 +79,7 @@ class LoongServePolicy(LoongServeAdmission):
                         chunks = [(0, x, 0) for x in batch]
                         samples.append((batch, self.predictor.local_prefill_time(chunks)))
                 else:
-                    lens = split_prompt(n, m, block_size) + [0] * (sp_size - m)
+                    lens = self._split(n, m, block_size) + [0] * (sp_size - m)
                     samples.append(([n], self.predictor.sp_prefill_time(lens)))
             self.fits[m] = fit_prefill_cost(samples)
 
@@ -125,12 +132,17 @@ class LoongServePolicy(LoongServeAdmission):
             if not ok:
                 return
 
-    @staticmethod
-    def group_chunks(scheduler: SchedulerBooks, num_tokens: int,
+    def _split(self, num_tokens: int, parts: int, block_size: int) -> list[int]:
+        if self._ring_work is None:
+            return split_prompt(num_tokens, parts, block_size)
+        return causal_balanced_split(num_tokens, parts, block_size, *self._ring_work)
+
+    def group_chunks(self, scheduler: SchedulerBooks, num_tokens: int,
                      group: Sequence[int]) -> list[int]:
-        """A prompt split block-aligned over the group in rank order, per SP rank (0 outside)."""
+        """A prompt split block-aligned over the group in rank order, per SP rank (0 outside):
+        evenly, or with balance_ring so that every rank's causal work is equal."""
         members, chunk_lens = sorted(group), [0] * scheduler.sp_size
-        for rank, length in zip(members, split_prompt(
+        for rank, length in zip(members, self._split(
                 num_tokens, len(members), scheduler.kv_cache_manager.block_size), strict=True):
             chunk_lens[rank] = length
         return chunk_lens

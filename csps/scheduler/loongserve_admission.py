@@ -18,7 +18,12 @@ if TYPE_CHECKING:
 
 class LoongServeAdmission:
     """Needs the policy's predictor, fits, max_new_per_iteration, max_sp_batch and
-    decode_headroom."""
+    decode_headroom. max_num_ooe: how many rounds in a row may admit past a refused request
+    (LoongServe's --max_num_ooe, 10 there; 0 here: strict FCFS unless a policy sets it)."""
+
+    max_num_ooe = 0
+    num_ooe = 0  # rounds in a row that admitted out of order
+    skipped_ids: set = frozenset()
 
     def admit(self, scheduler: SchedulerBooks, decodes: list[Request]) -> list[Request]:
         """The FCFS prefix of the waiting queue this iteration prefills (LoongServe's test)."""
@@ -26,28 +31,42 @@ class LoongServeAdmission:
         free = manager.total_free_tokens()
         wait_s = self.expected_wait(scheduler, decodes)
         idle = self.idle_ranks(scheduler, decodes)
+        num_idle = max(len(idle), self.idle_capacity(scheduler, decodes))
         decode_weight = sum(1 / r.num_tokens for r in decodes)
         admitted: list[Request] = []
         borrow_weight = 0.0
-        for request in list(scheduler.waiting)[:self.max_new_per_iteration]:
-            if (len(scheduler.running) + len(admitted) >= scheduler.config.max_num_seqs
-                    or sum(r.num_tokens for r in admitted) + request.num_tokens > budget):
+        allow_ooe = self.num_ooe < self.max_num_ooe
+        self.skipped_ids = set()  # refused requests the admitted ones overtook
+        scan = list(scheduler.waiting)[:self.max_new_per_iteration * (8 if allow_ooe else 1)]
+        for request in scan:
+            if (len(admitted) >= self.max_new_per_iteration
+                    or len(scheduler.running) + len(admitted) >= scheduler.config.max_num_seqs):
                 break
+            weight = 0.0
             trial = admitted + [request]
-            if sum(self.need(scheduler, r) for r in trial) > free:
-                break
-            plans = self._plans(scheduler, trial, self.rank_order(scheduler, decodes))
-            on_idle, on_all = plans[len(idle)], plans[-1]
-            if on_all is None:
-                break
-            if on_idle is not None:
-                if on_idle.time_s - on_all.time_s > wait_s:
-                    break
+            plans = None
+            if (sum(r.num_tokens for r in trial) <= budget
+                    and sum(self.need(scheduler, r) for r in trial) <= free):
+                plans = self._plans(scheduler, trial, self.rank_order(scheduler, decodes))
+            if plans is not None and plans[-1] is not None:
+                on_idle, on_all = plans[num_idle], plans[-1]
+                if on_idle is not None:
+                    ok = on_idle.time_s - on_all.time_s <= wait_s
+                else:
+                    weight = 1 / request.num_tokens
+                    ok = on_all.time_s * decode_weight <= wait_s * (borrow_weight + weight)
             else:
-                borrow_weight += 1 / request.num_tokens
-                if on_all.time_s * decode_weight > wait_s * borrow_weight:
+                ok = False
+            if not ok:
+                if not allow_ooe:
                     break
+                self.skipped_ids.add(request.request_id)  # LoongServe's out-of-order
+                continue  # execution: a later request may go first (at most max_num_ooe rounds)
+            borrow_weight += weight
             admitted.append(request)
+        if admitted:
+            overtook = any(scan.index(r) != i for i, r in enumerate(admitted))
+            self.num_ooe = self.num_ooe + 1 if overtook else 0
         return admitted
 
     def plan(self, scheduler: SchedulerBooks, admitted: list[Request],
@@ -93,6 +112,11 @@ class LoongServeAdmission:
         pools = scheduler.kv_cache_manager.pools
         return sorted((r for r in range(scheduler.sp_size) if r not in busy),
                       key=lambda r: (-pools[r].num_free_blocks, r))
+
+    def idle_capacity(self, scheduler: SchedulerBooks, decodes: list[Request]) -> int:
+        """How many instances the admission test counts as idle: here the ranks no decode
+        uses (the policy on per-instance steps counts KV capacity, as LoongServe does)."""
+        return len(self.idle_ranks(scheduler, decodes))
 
     def rank_order(self, scheduler: SchedulerBooks, decodes: list[Request]) -> list[int]:
         """Idle ranks (most free first), then decode ranks, cheapest to pause first."""

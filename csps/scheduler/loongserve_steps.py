@@ -50,15 +50,23 @@ class PlannedGroup:
 class LoongServeStepsPolicy(LoongServePolicy):
     concurrent = True
     replans_each_step = True  # the scheduler asks head_group again after each step starts
+    plans_out_of_order = True  # the planned group may start behind a refused head
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.max_num_ooe = 10  # LoongServe's default (api_server.py --max_num_ooe)
+        self.balance_ring = True  # earlier ranks take longer chunks (kvcache/causal_split.py)
         self.sp_prefill_alone = True  # a worker's SP forward runs one request: a planned
         # group of several runs them one SP step after another on its instances
         self._window: InstanceWindow | None = None
         self._planned: PlannedGroup | None = None  # the head's group, reserved
         self._rest: list[PlannedGroup] = []  # the last plan's other groups, in FCFS order
         self._plan_ids: set[str] = set()  # the requests of the last plan
+
+    @property
+    def planned_id(self) -> str | None:
+        """The waiting request whose group is reserved (the plan's first in FCFS order)."""
+        return None if self._planned is None else self._planned.head_id
 
     def fit(self, sp_size: int, max_len: int, block_size: int) -> None:
         if self.allowed_degrees is None:  # every contiguous sub-group has its process group
@@ -97,14 +105,18 @@ class LoongServeStepsPolicy(LoongServePolicy):
         return self._planned.ranks
 
     def _carry_on(self, scheduler: SchedulerBooks) -> PlannedGroup | None:
-        """The next group of the last plan when the waiting head leads it and no prefill
+        """The next group of the last plan when it leads the waiting requests its plan did not
+        pass over (out-of-order admission) and no prefill
         outside the plan holds its instances: the plan's groups start one after the other as
         their instances free (an SP group's requests one SP step after another), without
         planning again."""
         while self._rest:
             group = self._rest.pop(0)
-            if scheduler.waiting[0].request_id != group.head_id:
-                continue
+            ahead = list(scheduler.waiting)[:scheduler.waiting.index(group.requests[0])] \
+                if group.requests[0] in scheduler.waiting else None
+            if ahead is None or any(r.request_id not in self.skipped_ids and
+                                    r.request_id not in self._plan_ids for r in ahead):
+                continue  # it no longer leads the requests the plan did not pass over
             held = {i for r in scheduler.running
                     if r.is_prefill and r.request_id not in self._plan_ids
                     for i in scheduler.span_of(r.request_id)}
@@ -139,6 +151,16 @@ class LoongServeStepsPolicy(LoongServePolicy):
     def rank_order(self, scheduler: SchedulerBooks, decodes: list[Request]) -> list[int]:
         return list(self._window.order)
 
+    def idle_capacity(self, scheduler: SchedulerBooks, decodes: list[Request]) -> int:
+        """LoongServe's idle count (req_queue.py generate_new_req_list): the window's
+        instances less the fewest that could hold the KV in use on them. The prefill then
+        borrows the decode instances it needs (plan()), pausing their decodes for its step;
+        csps moves no decode KV to free them first."""
+        pools = scheduler.kv_cache_manager.pools
+        order = self._window.order
+        used = sum(pools[i].num_blocks - pools[i].num_free_blocks for i in order)
+        return len(order) - -(-used // max(pools[i].num_blocks for i in order))
+
     def _plans(self, scheduler: SchedulerBooks, requests: list[Request],
                order: list[int]) -> WindowPlans:
         return WindowPlans(self, scheduler, requests, self._window)
@@ -149,8 +171,7 @@ class LoongServeStepsPolicy(LoongServePolicy):
     # ---- one step on a free component ---------------------------------------------------------
     def schedule_step(self, view: InstanceView, batch: BatchBuilder) -> None:
         scheduler, planned, paused = view.scheduler, self._planned, set()
-        if (planned is not None and scheduler.waiting
-                and scheduler.waiting[0].request_id == planned.head_id
+        if (planned is not None and planned.requests[0] in scheduler.waiting
                 and set(planned.ranks) <= set(view.instances)):
             self._planned = None  # started or not, the next head is planned afresh
             scheduler.release_reservation(planned.head_id)

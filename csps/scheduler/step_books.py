@@ -100,8 +100,7 @@ class StepBooks:
             output = self.schedule()
             everyone = tuple(range(self.num_instances))
             return [] if output.is_empty else [self._launch(everyone, output)]
-        if self._reserved_for is not None and (
-                not self.waiting or self.waiting[0].request_id != self._reserved_for):
+        if self._reserved_for is not None and self._reserved_for != self._next_planned():
             self.reserved = self._reserved_for = None
         self._reserve_for_head()
         replans = getattr(self.policy, "replans_each_step", False)
@@ -122,7 +121,16 @@ class StepBooks:
         if self.reserved is None and self.waiting:
             group = self.policy.head_group(self)
             if group is not None:
-                self.reserved, self._reserved_for = hull(group), self.waiting[0].request_id
+                self.reserved, self._reserved_for = hull(group), self._next_planned()
+
+    def _next_planned(self) -> str | None:
+        """The waiting request a reservation is for: the head, or for a policy that admits out
+        of order (loongserve's bounded out-of-order admission) the one it planned, while it
+        waits."""
+        if getattr(self.policy, "plans_out_of_order", False):
+            planned = self.policy.planned_id
+            return planned if any(r.request_id == planned for r in self.waiting) else None
+        return self.waiting[0].request_id if self.waiting else None
 
     def _next_free(self, tried: set[tuple[int, ...]]) -> tuple[int, ...] | None:
         """The first component (joined with the reservation) whose instances are all free."""
