@@ -38,6 +38,12 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="Longest prompt profiled (default: 3072, 512 with --quick).")
     parser.add_argument("--seed", type=int, default=0, help="Prompt seed (default: 0).")
+    parser.add_argument("--sp-attention", nargs="+", default=[], metavar="ALGO",
+                        help="Profile only these SP algorithms (default: all four).")
+    parser.add_argument("--whole-prompts", action="store_true",
+                        help="Also batches of whole prompts up to --max-tokens, each on a "
+                             "rank of its own, and long-context decodes: the local steps "
+                             "of --scheduler loongserve.")
     parser.set_defaults(handler=profile_command, parser=parser)
 
 
@@ -46,7 +52,9 @@ def profile_command(args: argparse.Namespace) -> int:
 
     try:
         config = ProfileConfig(args.model, sp_size=args.sp_size, quick=args.quick,
-                               max_tokens=args.max_tokens, seed=args.seed)
+                               max_tokens=args.max_tokens, seed=args.seed,
+                               sp_attention=tuple(args.sp_attention),
+                               whole_prompts=args.whole_prompts)
     except ValueError as exc:
         args.parser.error(str(exc))
     model = profile(config, args.out)
@@ -81,7 +89,8 @@ def profile(config, out: str | Path | None = None):
                 "sp_attention": list(config.algorithms), "sp_decode": "qmove",
                 "block_size": 16, "max_prompt_tokens": max_len, "long_prompt_threshold":
                 threshold, "max_num_batched_tokens": token_budget(threshold),
-                "executor": "multiproc" if config.sp_size > 1 else "uniproc"}
+                "executor": "multiproc" if config.sp_size > 1 else "uniproc",
+                "whole_prompts": config.whole_prompts}
     model = fit_records(records, name=f"cpu-{shape.name}-sp{config.sp_size}", shape=shape,
                         parallel=parallel, machine=machine,
                         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
