@@ -65,3 +65,7 @@ class SchedulerBooks(Protocol):
     def is_in_flight(self, request_id: str) -> bool: ...  # in a step that has not ended
     def reserve(self, group: Sequence[int]) -> None: ...  # for the waiting head
     def release_reservation(self, request_id: str) -> None: ...
+    reservations: dict[str, tuple[int, ...]]  # plans_out_of_order: planned request -> group
+
+    @property
+    def reserved_instances(self) -> set[int]: ...  # held by any reservation

@@ -37,7 +37,8 @@ class LoongServeAdmission:
         borrow_weight = 0.0
         allow_ooe = self.num_ooe < self.max_num_ooe
         self.skipped_ids = set()  # refused requests the admitted ones overtook
-        scan = list(scheduler.waiting)[:self.max_new_per_iteration * (8 if allow_ooe else 1)]
+        scan = self.admission_queue(scheduler)[
+            :self.max_new_per_iteration * (8 if allow_ooe else 1)]
         for request in scan:
             if (len(admitted) >= self.max_new_per_iteration
                     or len(scheduler.running) + len(admitted) >= scheduler.config.max_num_seqs):
@@ -89,6 +90,10 @@ class LoongServeAdmission:
         used = {rank for g in plan.groups for rank in g.ranks} if plan else set()
         idle = set(self.idle_ranks(scheduler, decodes))
         return plan, used - idle
+
+    def admission_queue(self, scheduler: SchedulerBooks) -> list[Request]:
+        """The waiting requests a round of admissions considers, in FCFS order."""
+        return list(scheduler.waiting)
 
     def admission_budget(self, scheduler: SchedulerBooks) -> int:
         """Prompt tokens one round of admissions may take: one iteration's token budget."""

@@ -59,14 +59,22 @@ class LoongServeStepsPolicy(LoongServePolicy):
         self.sp_prefill_alone = True  # a worker's SP forward runs one request: a planned
         # group of several runs them one SP step after another on its instances
         self._window: InstanceWindow | None = None
-        self._planned: PlannedGroup | None = None  # the head's group, reserved
+        self._planned: dict[str, PlannedGroup] = {}  # by head id: groups reserved, in order
+        self._last: PlannedGroup | None = None  # the group head_group planned last
         self._rest: list[PlannedGroup] = []  # the last plan's other groups, in FCFS order
         self._plan_ids: set[str] = set()  # the requests of the last plan
 
     @property
     def planned_id(self) -> str | None:
-        """The waiting request whose group is reserved (the plan's first in FCFS order)."""
-        return None if self._planned is None else self._planned.head_id
+        """The waiting request whose group head_group reserved last (its plan's first in FCFS
+        order)."""
+        return None if self._last is None else self._last.head_id
+
+    def admission_queue(self, scheduler: SchedulerBooks) -> list[Request]:
+        """The waiting requests no reserved or carried-on group holds yet."""
+        taken = {r.request_id for g in [*self._planned.values(), *self._rest]
+                 for r in g.requests}
+        return [r for r in scheduler.waiting if r.request_id not in taken]
 
     def fit(self, sp_size: int, max_len: int, block_size: int) -> None:
         if self.allowed_degrees is None:  # every contiguous sub-group has its process group
@@ -75,13 +83,17 @@ class LoongServeStepsPolicy(LoongServePolicy):
 
     # ---- the global manager: planning the waiting head ----------------------------------------
     def head_group(self, scheduler: SchedulerBooks) -> tuple[int, ...] | None:
-        self._planned = None
+        """Plan the next group on instances no reservation holds: the last plan's next group,
+        or a new plan for the waiting requests no group holds. Each planned group is reserved
+        (StepBooks.reservations) until it starts."""
+        self._last = None
+        for head_id in [h for h in self._planned if h not in scheduler.reservations]:
+            del self._planned[head_id]  # started, or its request left the queue
         if not scheduler.waiting or not scheduler.can_run_more:
             return None
         carried = self._carry_on(scheduler)
         if carried is not None:
-            self._planned = carried
-            return carried.ranks
+            return self._reserve(carried)
         if self.fits is None:
             self.fit(scheduler.sp_size, scheduler.max_model_len,
                      scheduler.kv_cache_manager.block_size)
@@ -100,9 +112,13 @@ class LoongServeStepsPolicy(LoongServePolicy):
             batches = [requests] if len(group.ranks) == 1 else [(r,) for r in requests]
             groups += [PlannedGroup(b[0].request_id, group.ranks, b) for b in batches]
         groups.sort(key=lambda g: admitted.index(g.requests[0]))  # the head's group first
-        self._planned, self._rest = groups[0], groups[1:]
+        self._rest = groups[1:]
         self._plan_ids = {r.request_id for r in admitted}
-        return self._planned.ranks
+        return self._reserve(groups[0])
+
+    def _reserve(self, group: PlannedGroup) -> tuple[int, ...]:
+        self._planned[group.head_id] = self._last = group
+        return group.ranks
 
     def _carry_on(self, scheduler: SchedulerBooks) -> PlannedGroup | None:
         """The next group of the last plan when it leads the waiting requests its plan did not
@@ -114,12 +130,13 @@ class LoongServeStepsPolicy(LoongServePolicy):
             group = self._rest.pop(0)
             ahead = list(scheduler.waiting)[:scheduler.waiting.index(group.requests[0])] \
                 if group.requests[0] in scheduler.waiting else None
-            if ahead is None or any(r.request_id not in self.skipped_ids and
-                                    r.request_id not in self._plan_ids for r in ahead):
+            passed = self.skipped_ids | self._plan_ids | {
+                r.request_id for g in self._planned.values() for r in g.requests}
+            if ahead is None or any(r.request_id not in passed for r in ahead):
                 continue  # it no longer leads the requests the plan did not pass over
             held = {i for r in scheduler.running
                     if r.is_prefill and r.request_id not in self._plan_ids
-                    for i in scheduler.span_of(r.request_id)}
+                    for i in scheduler.span_of(r.request_id)} | scheduler.reserved_instances
             if not held & set(group.ranks) and all(r in scheduler.waiting
                                                    for r in group.requests):
                 return group
@@ -135,6 +152,7 @@ class LoongServeStepsPolicy(LoongServePolicy):
             (held if request.is_prefill else bound).update(span)
             for rank in span:
                 weight[rank] += 1 / request.num_tokens
+        held |= scheduler.reserved_instances  # other planned groups wait for these
         candidates = [i for i in range(scheduler.sp_size) if i not in held]
         pools = scheduler.kv_cache_manager.pools
         return choose_window(candidates, [i for i in candidates if i not in bound],
@@ -170,10 +188,12 @@ class LoongServeStepsPolicy(LoongServePolicy):
 
     # ---- one step on a free component ---------------------------------------------------------
     def schedule_step(self, view: InstanceView, batch: BatchBuilder) -> None:
-        scheduler, planned, paused = view.scheduler, self._planned, set()
-        if (planned is not None and planned.requests[0] in scheduler.waiting
-                and set(planned.ranks) <= set(view.instances)):
-            self._planned = None  # started or not, the next head is planned afresh
+        scheduler, paused = view.scheduler, set()
+        ready = [g for g in self._planned.values()
+                 if g.requests[0] in scheduler.waiting and set(g.ranks) <= set(view.instances)]
+        if ready:  # the first planned group whose instances are all free now
+            planned = ready[0]
+            del self._planned[planned.head_id]  # started or not, it is planned afresh
             scheduler.release_reservation(planned.head_id)
             if self._start_group(view, batch, planned):
                 if len(planned.ranks) > 1:

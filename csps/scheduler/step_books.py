@@ -31,6 +31,8 @@ class StepBooks:
         self.in_flight_ids: set[str] = set()  # requests some running step holds
         self.reserved: tuple[int, ...] | None = None  # a waiting long prompt's SP group
         self._reserved_for: str | None = None
+        # a policy that plans out of order (loongserve): one group per planned request
+        self.reservations: dict[str, tuple[int, ...]] = {}
         self._step_id = 0
         self._notices: list[tuple[list[str], list[str]]] = []  # per instance: finished, preempted
 
@@ -55,6 +57,15 @@ class StepBooks:
         """The request reserved for is admitted (or gone): its group is free again."""
         if self._reserved_for == request_id:
             self.reserved = self._reserved_for = None
+        self.reservations.pop(request_id, None)
+
+    @property
+    def reserved_instances(self) -> set[int]:
+        """Every instance some reservation holds."""
+        held = set(self.reserved or ())
+        for group in self.reservations.values():
+            held.update(group)
+        return held
 
     def span_of(self, request_id: str) -> tuple[int, ...]:
         """The contiguous instances a placed request's work touches (all of them unplaced)."""
@@ -100,8 +111,12 @@ class StepBooks:
             output = self.schedule()
             everyone = tuple(range(self.num_instances))
             return [] if output.is_empty else [self._launch(everyone, output)]
-        if self._reserved_for is not None and self._reserved_for != self._next_planned():
+        if self._reserved_for is not None and (
+                not self.waiting or self.waiting[0].request_id != self._reserved_for):
             self.reserved = self._reserved_for = None
+        waiting = {r.request_id for r in self.waiting}
+        for request_id in [r for r in self.reservations if r not in waiting]:
+            del self.reservations[request_id]
         self._reserve_for_head()
         replans = getattr(self.policy, "replans_each_step", False)
         steps, tried = [], set()
@@ -117,26 +132,25 @@ class StepBooks:
 
     def _reserve_for_head(self) -> None:
         """Reserve the waiting head's group (the policy's head_group) if nothing is reserved:
-        a long head's group goes first when free."""
-        if self.reserved is None and self.waiting:
+        a long head's group goes first when free. A policy that plans out of order
+        (plans_out_of_order) instead gets a reservation for each group it plans (its
+        planned_id), beside the others, on instances no reservation holds."""
+        if getattr(self.policy, "plans_out_of_order", False):
+            if self.waiting:
+                group = self.policy.head_group(self)
+                if group is not None:
+                    self.reservations[self.policy.planned_id] = hull(group)
+        elif self.reserved is None and self.waiting:
             group = self.policy.head_group(self)
             if group is not None:
-                self.reserved, self._reserved_for = hull(group), self._next_planned()
-
-    def _next_planned(self) -> str | None:
-        """The waiting request a reservation is for: the head, or for a policy that admits out
-        of order (loongserve's bounded out-of-order admission) the one it planned, while it
-        waits."""
-        if getattr(self.policy, "plans_out_of_order", False):
-            planned = self.policy.planned_id
-            return planned if any(r.request_id == planned for r in self.waiting) else None
-        return self.waiting[0].request_id if self.waiting else None
+                self.reserved, self._reserved_for = hull(group), self.waiting[0].request_id
 
     def _next_free(self, tried: set[tuple[int, ...]]) -> tuple[int, ...] | None:
         """The first component (joined with the reservation) whose instances are all free."""
         spans = [self.span_of(r.request_id) for r in self.running]
         if self.reserved:
             spans.append(self.reserved)
+        spans += self.reservations.values()
         for comp in components(self.sp_size, spans):
             if comp not in tried and not any(i in self._busy for i in comp):
                 return comp
