@@ -5,6 +5,8 @@ behaving differently."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from policy_harness import make_request
 from test_loongserve_steps import Clock, loong, sp_steps
@@ -124,3 +126,33 @@ def test_a_short_prompt_may_pass_a_long_head_the_admission_test_refuses(max_num_
         assert started_at(clock, "short") < started_at(clock, "long")
     else:
         assert started_at(clock, "short") >= started_at(clock, "long")
+
+
+def test_a_new_plan_starts_beside_a_group_that_waits_for_its_instances():
+    """Each planned group has its reservation: while one waits for a busy instance of its
+    group, a plan made later starts on free instances outside it (with one reservation at a
+    time, nothing could start until the first group had). The run still ends with every
+    request served and no KV held."""
+    rng = random.Random(7)
+    sched, predictor = loong(4, num_blocks=100, max_num_seqs=12)
+    clock, beside = Clock(sched, predictor), []
+    launch = clock.launch
+
+    def launch_and_look():
+        waiting_groups = dict(sched.reservations)
+        before = len(clock.started)
+        launch()
+        for _, _, step in clock.started[before:]:
+            starts = {r.request_id for r in step.scheduler_output.scheduled_requests
+                      if r.num_computed_tokens == 0}
+            for rid, group in waiting_groups.items():
+                if rid in sched.reservations and starts and not set(group) & set(
+                        step.instances):
+                    beside.append((rid, step.instances))
+    clock.launch = launch_and_look
+    arrivals = [(rng.uniform(0, 1.0), make_request(f"r{i}", rng.choice([8, 40, 300, 480]),
+                                                   rng.randint(2, 30))) for i in range(30)]
+    clock.run(arrivals)
+    assert beside, "no plan ever started beside a waiting group"
+    assert {f"r{i}" for i in range(30)} <= set(clock.first_token_s)
+    assert sched.kv_cache_manager.num_free_blocks == 4 * 100 and not sched.reservations
