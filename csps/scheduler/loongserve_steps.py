@@ -2,23 +2,26 @@
 iterations over every instance). No torch.
 
 Whenever instances become free the scheduler asks `head_group`: the policy runs LoongServe's
-global manager on the books as they are now. (1) Dispatching: the FCFS prefix of the waiting
-queue that LoongServe's admission test accepts (loongserve_admission.py). (2) Elastic instance
-allocation: a contiguous window of instances not bound to a prefill in progress, from the
+global manager on the books as they are now. (1) Dispatching: the waiting requests that
+LoongServe's admission test accepts, idle instances counted by KV capacity, with its bounded
+out-of-order admission (loongserve_admission.py). (2) Elastic instance allocation: a
+contiguous window of instances no prefill in progress and no planned group holds, from the
 longest idle run, extended into decode instances while the borrowing test says so
 (loongserve_windows.py). (3) Batching: the DP splits the length-sorted requests over groups of
-consecutive instances of the window (loongserve_batching.py). (4) Scaling plan: the head's
-group is reserved and, once all its instances are free, its requests start in one step:
+consecutive instances of the window (loongserve_batching.py). (4) Scaling plan: the plan's
+first group is reserved (a reservation per planned group, so later plans start beside it on
+other instances) and, once all its instances are free, its requests start in one step:
 - a one-instance group prefills its prompts whole on that instance, beside the decodes of the
   rest of the step's component;
 - a larger group runs one ring SP prefill alone (the decodes bound to the group pause, as
-  LoongServe's borrowed instances do), its KV scaled down to the fewest consecutive group
-  instances that hold it plus decode headroom; that window is the request's decode group.
+  LoongServe's borrowed instances do), its chunks balanced for causal work
+  (kvcache/causal_split.py), its KV scaled down to the fewest consecutive group instances that
+  hold it plus decode headroom; that window is the request's decode group.
 Every other free component runs a decode step of the requests bound to it: decodes never wait
 for a prefill they are not part of. A decode whose group runs out of KV blocks scales up onto
 a neighbouring instance of its component (DistributedKVCacheManager.widen_group); masters of
 decodes spread over instances are rebalanced within the component (multi-master decoding).
-After each step starts, the next head is planned on the instances left.
+After each step starts, the next group is planned on the instances left.
 """
 
 from __future__ import annotations
