@@ -9,7 +9,7 @@ import random
 
 import pytest
 from policy_harness import make_request
-from test_loongserve_steps import Clock, loong, sp_steps
+from test_loongserve_steps import Clock, first_ring_prefill, loong
 
 from csps.kvcache.causal_split import causal_balanced_split
 from csps.kvcache.placement import split_prompt
@@ -45,12 +45,7 @@ def test_the_causal_split_falls_back_to_the_even_split():
 
 
 def test_a_ring_prefill_gives_earlier_instances_longer_chunks_and_ends_sooner():
-    sched, predictor = loong(4, num_blocks=100)
-    sched.add_request(make_request("long", 480, max_tokens=2))
-    clock = Clock(sched, predictor)
-    clock.launch()
-    ((_, _, step),) = sp_steps(clock, "long")
-    (r,) = step.scheduler_output.scheduled_requests
+    _, predictor, clock, r = first_ring_prefill()
     group = [i for i, n in enumerate(r.sp_chunk_lens) if n]
     chunks = [r.sp_chunk_lens[i] for i in group]
     assert len(group) > 1 and chunks == sorted(chunks, reverse=True) and chunks[0] > chunks[-1]

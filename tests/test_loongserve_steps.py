@@ -120,13 +120,20 @@ def test_decodes_outside_a_prefill_group_keep_running():
     assert len(during) >= 2, "the decode stalled for the prefill"
 
 
-def test_scale_down_keeps_the_kv_on_the_fewest_consecutive_instances():
-    sched, predictor = loong(4, num_blocks=100)  # 400 tokens a rank
-    sched.add_request(make_request("long", 480, max_tokens=2))
+def first_ring_prefill(num_instances=4, num_blocks=100, prompt_len=480):
+    """An idle engine's ring SP prefill of one long prompt: (scheduler, predictor, clock, the
+    prompt's ScheduledRequest in the step)."""
+    sched, predictor = loong(num_instances, num_blocks=num_blocks)
+    sched.add_request(make_request("long", prompt_len, max_tokens=2))
     clock = Clock(sched, predictor)
     clock.launch()
     ((_, _, step),) = sp_steps(clock, "long")
     (r,) = step.scheduler_output.scheduled_requests
+    return sched, predictor, clock, r
+
+
+def test_scale_down_keeps_the_kv_on_the_fewest_consecutive_instances():
+    sched, _, _, r = first_ring_prefill()  # 400 tokens a rank
     computed = [i for i, n in enumerate(r.sp_chunk_lens) if n]
     kept = sorted({x.rank for x in r.kv_ranges})
     assert len(computed) > 2 and len(kept) == 2 and kept[1] == kept[0] + 1

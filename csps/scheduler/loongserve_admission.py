@@ -31,7 +31,7 @@ class LoongServeAdmission:
         free = manager.total_free_tokens()
         wait_s = self.expected_wait(scheduler, decodes)
         idle = self.idle_ranks(scheduler, decodes)
-        num_idle = max(len(idle), self.idle_capacity(scheduler, decodes))
+        num_idle = self.idle_capacity(scheduler, idle)
         decode_weight = sum(1 / r.num_tokens for r in decodes)
         admitted: list[Request] = []
         borrow_weight = 0.0
@@ -118,10 +118,11 @@ class LoongServeAdmission:
         return sorted((r for r in range(scheduler.sp_size) if r not in busy),
                       key=lambda r: (-pools[r].num_free_blocks, r))
 
-    def idle_capacity(self, scheduler: SchedulerBooks, decodes: list[Request]) -> int:
-        """How many instances the admission test counts as idle: here the ranks no decode
-        uses (the policy on per-instance steps counts KV capacity, as LoongServe does)."""
-        return len(self.idle_ranks(scheduler, decodes))
+    def idle_capacity(self, scheduler: SchedulerBooks, idle: list[int]) -> int:
+        """How many instances the admission test counts as idle, given the ranks no decode
+        uses: here those (the policy on per-instance steps counts KV capacity, as LoongServe
+        does)."""
+        return len(idle)
 
     def rank_order(self, scheduler: SchedulerBooks, decodes: list[Request]) -> list[int]:
         """Idle ranks (most free first), then decode ranks, cheapest to pause first."""

@@ -124,24 +124,24 @@ class LoongServeStepsPolicy(LoongServePolicy):
         return group.ranks
 
     def _carry_on(self, scheduler: SchedulerBooks) -> PlannedGroup | None:
-        """The next group of the last plan when it leads the waiting requests its plan did not
-        pass over (out-of-order admission) and no prefill
-        outside the plan holds its instances: the plan's groups start one after the other as
-        their instances free (an SP group's requests one SP step after another), without
-        planning again."""
+        """The next group of the last plan, when it leads the waiting requests its plan did not
+        pass over (out-of-order admission) and no prefill outside the plan and no other
+        reservation holds its instances: the plan's groups start one after the other as their
+        instances free (an SP group's requests one SP step after another), without planning
+        again."""
+        passed = self.skipped_ids | self._plan_ids | {
+            r.request_id for g in self._planned.values() for r in g.requests}
+        held = {i for r in scheduler.running
+                if r.is_prefill and r.request_id not in self._plan_ids
+                for i in scheduler.span_of(r.request_id)} | scheduler.reserved_instances
+        waiting = list(scheduler.waiting)
         while self._rest:
             group = self._rest.pop(0)
-            ahead = list(scheduler.waiting)[:scheduler.waiting.index(group.requests[0])] \
-                if group.requests[0] in scheduler.waiting else None
-            passed = self.skipped_ids | self._plan_ids | {
-                r.request_id for g in self._planned.values() for r in g.requests}
-            if ahead is None or any(r.request_id not in passed for r in ahead):
+            if group.requests[0] not in waiting or any(
+                    r.request_id not in passed
+                    for r in waiting[:waiting.index(group.requests[0])]):
                 continue  # it no longer leads the requests the plan did not pass over
-            held = {i for r in scheduler.running
-                    if r.is_prefill and r.request_id not in self._plan_ids
-                    for i in scheduler.span_of(r.request_id)} | scheduler.reserved_instances
-            if not held & set(group.ranks) and all(r in scheduler.waiting
-                                                   for r in group.requests):
+            if not held & set(group.ranks) and all(r in waiting for r in group.requests):
                 return group
         self._rest = []
         return None
@@ -172,15 +172,17 @@ class LoongServeStepsPolicy(LoongServePolicy):
     def rank_order(self, scheduler: SchedulerBooks, decodes: list[Request]) -> list[int]:
         return list(self._window.order)
 
-    def idle_capacity(self, scheduler: SchedulerBooks, decodes: list[Request]) -> int:
+    def idle_capacity(self, scheduler: SchedulerBooks, idle: list[int]) -> int:
         """LoongServe's idle count (req_queue.py generate_new_req_list): the window's
-        instances less the fewest that could hold the KV in use on them. The prefill then
-        borrows the decode instances it needs (plan()), pausing their decodes for its step;
-        csps moves no decode KV to free them first."""
+        instances less the fewest that could hold the KV in use on them (never fewer than the
+        instances no decode uses). The prefill then borrows the decode instances it needs
+        (plan()), pausing their decodes for its step; csps moves no decode KV to free them
+        first."""
         pools = scheduler.kv_cache_manager.pools
         order = self._window.order
         used = sum(pools[i].num_blocks - pools[i].num_free_blocks for i in order)
-        return len(order) - -(-used // max(pools[i].num_blocks for i in order))
+        by_capacity = len(order) - -(-used // max(pools[i].num_blocks for i in order))
+        return max(len(idle), by_capacity)
 
     def _plans(self, scheduler: SchedulerBooks, requests: list[Request],
                order: list[int]) -> WindowPlans:
