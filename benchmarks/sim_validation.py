@@ -21,6 +21,10 @@ with --cost-model). Writes LABEL-sim.json (the simulated result), LABEL-validati
 (per-request real/simulated values and relative errors), LABEL-validation.md (the table: median
 absolute error of TTFT, TBT = the request's mean ITL, and E2E; target <= 15%) and
 LABEL-validation.png (real vs simulated scatter) to --out-dir.
+
+With --against SECOND.json (a second real run of the same workload and flags) nothing is
+simulated: the second run takes the replay's place, and the same table gives the run-to-run
+noise of the machine, the floor under any replay's error.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from csps.bench.serve import WORKLOAD_FLAGS, block_tokens
 from csps.bench.workload import WorkloadConfig, build_workload
 from csps.cli import add_engine_args, config_from_args
 from csps.scheduler.predictor import BUNDLED_PROFILE
-from csps.simulator.replay import METRICS, compare_results, replay_specs
+from csps.simulator.replay import METRICS, compare_results, replay_specs, second_run_in_order
 from csps.simulator.run import SimulationConfig, simulate
 
 TARGET = 0.15  # issue 7: median absolute error at most 15%
@@ -81,7 +85,7 @@ def table(comparison: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(comparison: dict, path: Path, title: str) -> None:
+def plot(comparison: dict, path: Path, title: str, other: str = "simulated") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -98,7 +102,7 @@ def plot(comparison: dict, path: Path, title: str) -> None:
         ax.plot([0, top], [0, top * (1 + TARGET)], ":", color="grey", label="+-15%")
         ax.plot([0, top], [0, top * (1 - TARGET)], ":", color="grey")
         ax.set_xlabel(f"real {NAMES[name]} [s]")
-        ax.set_ylabel(f"simulated {NAMES[name]} [s]")
+        ax.set_ylabel(f"{other} {NAMES[name]} [s]")
         error = comparison[name]["median_abs_error"]
         ax.set_title(f"{NAMES[name]}: median |error| {error:.1%}", fontsize=9)
     axes[0].legend(fontsize=7)
@@ -127,6 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="schedule on an arrival only when no step is in flight, as the "
                              "engine did before its Wakeup and the torchrun executor does "
                              "(default: free instances start at once)")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="a second real run of the same workload: compare with it "
+                             "instead of a replay (run-to-run noise)")
     parser.add_argument("--label", default=None, help="file prefix (default: the result's)")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/sim_validation"))
     parser.add_argument("--no-plot", action="store_true")
@@ -135,13 +142,18 @@ def main(argv: list[str] | None = None) -> dict:
     use_predictor = {"on": True, "off": False}.get(
         args.predictor, engine.scheduler.policy == "loongserve")
     real = with_hash_ids(json.loads(args.result.read_text()))
-    simulated, comparison = replay(real, engine, use_predictor, args.timing_cost_model,
-                                   args.admission_ms / 1e3, not args.engine_arrivals)
+    if args.against is not None:
+        indices, simulated = second_run_in_order(real, json.loads(args.against.read_text()))
+        comparison = compare_results(real, simulated, indices)
+    else:
+        simulated, comparison = replay(real, engine, use_predictor, args.timing_cost_model,
+                                       args.admission_ms / 1e3, not args.engine_arrivals)
     label = args.label or args.result.stem
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = {"real_result": str(args.result), "engine": engine.to_dict(),
               "use_predictor": use_predictor, "timing_cost_model": args.timing_cost_model,
               "admission_ms": args.admission_ms, "engine_arrivals": args.engine_arrivals,
+              "against": None if args.against is None else str(args.against),
               "target_median_abs_error": TARGET,
               "metrics": comparison}
     (args.out_dir / f"{label}-sim.json").write_text(json.dumps(simulated) + "\n")
@@ -151,7 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     if not args.no_plot:
         plot(comparison, args.out_dir / f"{label}-validation.png",
-             f"{label}: real vs simulated ({Path(engine.scheduler.cost_model).name})")
+             f"{label}: real vs simulated ({Path(engine.scheduler.cost_model).name})"
+             if args.against is None else f"{label}: real vs a second real run",
+             "simulated" if args.against is None else "second run's")
     return report
 
 

@@ -12,7 +12,12 @@ import pytest
 from csps.bench.workload import RequestSpec
 from csps.config import EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from csps.scheduler.predictor import BUNDLED_PROFILE
-from csps.simulator.replay import compare_results, relative_errors, replay_specs
+from csps.simulator.replay import (
+    compare_results,
+    relative_errors,
+    replay_specs,
+    second_run_in_order,
+)
 from csps.simulator.run import SimulationConfig, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,3 +95,18 @@ def test_replaying_a_simulated_run_reproduces_it_exactly(tmp_path):
     path.write_text(json.dumps(real))
     report = script.main([*flags, "--no-plot"])
     assert report["metrics"]["ttft"]["relative_errors"] == pytest.approx([-0.5] * 4)
+
+
+def test_a_second_real_run_pairs_with_the_first_by_send_order():
+    first = _bench_result([0.0, 2.0, 1.0], [10, 30, 20], [3, 3, 3], [1.0, 3.0, 2.0],
+                          [[0.1, 0.1], [0.3, 0.3], [0.2, 0.2]], [2.0, 6.0, 4.0])
+    # the same requests sent in the same order, stored in another order, each 10% slower
+    second = _bench_result([5.0, 6.0, 7.0], [10, 20, 30], [3, 3, 3], [1.1, 2.2, 3.3],
+                           [[0.11, 0.11], [0.22, 0.22], [0.33, 0.33]], [2.2, 4.4, 6.6])
+    indices, paired = second_run_in_order(first, second)
+    c = compare_results(first, paired, indices)
+    for name in ("ttft", "tbt", "e2el"):
+        assert c[name]["relative_errors"] == pytest.approx([0.1, 0.1, 0.1])
+    swapped = {**second, "input_lens": [10, 30, 20]}
+    with pytest.raises(ValueError, match="same requests in the same order"):
+        second_run_in_order(first, swapped)

@@ -74,3 +74,21 @@ def compare_results(real: dict, simulated: dict, real_indices: list[int]) -> dic
                      "median_abs_error": float(np.median(np.abs(errors))) if errors else None,
                      "mean_error": float(np.mean(errors)) if errors else None}
     return out
+
+
+def second_run_in_order(first: dict, second: dict) -> tuple[list[int], dict]:
+    """Two real runs of one workload (same trace, seed and flags) paired request by request, as
+    `compare_results` pairs a run with its replay: (first's replay_specs indices, the second's
+    per-request arrays in that order). The k-th request sent in each run is the same request;
+    a length that differs between them (or a different count of successes) raises ValueError.
+    Their errors are the run-to-run noise: a floor under any simulator error on the machine."""
+    indices, specs = replay_specs(first)
+    others, other_specs = replay_specs(second)
+    if [(s.input_len, s.output_len) for s in specs] != \
+            [(s.input_len, s.output_len) for s in other_specs]:
+        raise ValueError("the two runs did not send the same requests in the same order")
+    itls = second.get("itls") or [[] for _ in second["input_lens"]]
+    return indices, {"ttfts": [second["ttfts"][i] for i in others],
+                     "itls": [itls[i] for i in others],
+                     "latencies": [second["latencies"][i] for i in others],
+                     "errors": [""] * len(others)}
