@@ -23,8 +23,9 @@ absolute error of TTFT, TBT = the request's mean ITL, and E2E; target <= 15%) an
 LABEL-validation.png (real vs simulated scatter) to --out-dir.
 
 With --against SECOND.json (a second real run of the same workload and flags) nothing is
-simulated: the second run takes the replay's place, and the same table gives the run-to-run
-noise of the machine, the floor under any replay's error.
+simulated: the second run (its request i is the first's request i) takes the replay's place,
+and the same table gives the run-to-run noise of the machine, the floor under any replay's
+error.
 """
 
 from __future__ import annotations

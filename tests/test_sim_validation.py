@@ -97,16 +97,18 @@ def test_replaying_a_simulated_run_reproduces_it_exactly(tmp_path):
     assert report["metrics"]["ttft"]["relative_errors"] == pytest.approx([-0.5] * 4)
 
 
-def test_a_second_real_run_pairs_with_the_first_by_send_order():
-    first = _bench_result([0.0, 2.0, 1.0], [10, 30, 20], [3, 3, 3], [1.0, 3.0, 2.0],
+def test_a_second_real_run_pairs_with_the_first_request_by_request():
+    first = _bench_result([0.0, 0.0, 1.0], [10, 30, 20], [3, 3, 3], [1.0, 3.0, 2.0],
                           [[0.1, 0.1], [0.3, 0.3], [0.2, 0.2]], [2.0, 6.0, 4.0])
-    # the same requests sent in the same order, stored in another order, each 10% slower
-    second = _bench_result([5.0, 6.0, 7.0], [10, 20, 30], [3, 3, 3], [1.1, 2.2, 3.3],
-                           [[0.11, 0.11], [0.22, 0.22], [0.33, 0.33]], [2.2, 4.4, 6.6])
+    # the same requests (workload order), the two sent together started the other way round,
+    # each 10% slower
+    second = _bench_result([0.1, 0.0, 1.0], [10, 30, 20], [3, 3, 3], [1.1, 3.3, 2.2],
+                           [[0.11, 0.11], [0.33, 0.33], [0.22, 0.22]], [2.2, 6.6, 4.4])
     indices, paired = second_run_in_order(first, second)
     c = compare_results(first, paired, indices)
     for name in ("ttft", "tbt", "e2el"):
         assert c[name]["relative_errors"] == pytest.approx([0.1, 0.1, 0.1])
-    swapped = {**second, "input_lens": [10, 30, 20]}
-    with pytest.raises(ValueError, match="same requests in the same order"):
-        second_run_in_order(first, swapped)
+    with pytest.raises(ValueError, match="request 1 differs"):
+        second_run_in_order(first, {**second, "input_lens": [10, 31, 20]})
+    with pytest.raises(ValueError, match="request 2 differs"):
+        second_run_in_order(first, {**second, "errors": ["", "", "timeout"]})

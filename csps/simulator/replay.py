@@ -79,16 +79,20 @@ def compare_results(real: dict, simulated: dict, real_indices: list[int]) -> dic
 def second_run_in_order(first: dict, second: dict) -> tuple[list[int], dict]:
     """Two real runs of one workload (same trace, seed and flags) paired request by request, as
     `compare_results` pairs a run with its replay: (first's replay_specs indices, the second's
-    per-request arrays in that order). The k-th request sent in each run is the same request;
-    a length that differs between them (or a different count of successes) raises ValueError.
-    Their errors are the run-to-run noise: a floor under any simulator error on the machine."""
-    indices, specs = replay_specs(first)
-    others, other_specs = replay_specs(second)
-    if [(s.input_len, s.output_len) for s in specs] != \
-            [(s.input_len, s.output_len) for s in other_specs]:
-        raise ValueError("the two runs did not send the same requests in the same order")
+    per-request arrays at those indices). A bench result keeps its requests in workload order,
+    so index i is the same request in both runs (requests sent together may start in another
+    order). Lengths that differ at an index, or a request that failed in the second run only,
+    raise ValueError. Their errors are the run-to-run noise: a floor under any simulator error
+    on the machine."""
+    indices, _ = replay_specs(first)
+    errors = second.get("errors") or [""] * len(second["input_lens"])
+    for i in indices:
+        if i >= len(second["input_lens"]) or errors[i] or \
+                (first["input_lens"][i], first["output_lens"][i]) != \
+                (second["input_lens"][i], second["output_lens"][i]):
+            raise ValueError(f"request {i} differs between the two runs (lengths or success)")
     itls = second.get("itls") or [[] for _ in second["input_lens"]]
-    return indices, {"ttfts": [second["ttfts"][i] for i in others],
-                     "itls": [itls[i] for i in others],
-                     "latencies": [second["latencies"][i] for i in others],
-                     "errors": [""] * len(others)}
+    return indices, {"ttfts": [second["ttfts"][i] for i in indices],
+                     "itls": [itls[i] for i in indices],
+                     "latencies": [second["latencies"][i] for i in indices],
+                     "errors": [""] * len(indices)}
