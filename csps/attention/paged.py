@@ -4,8 +4,8 @@ Decodes and chunked prefills read a request's cached keys as views of runs of co
 blocks (paged_views.py) instead of gathering them into new tensors every step and layer.
 Prefill from position 0 is the reference's causal SDPA on the new keys. A request whose table
 is split into more than MAX_RUNS runs falls back to the reference's gather. A chunked prefill
-over a prefix of several runs (shared prefix-cache blocks, interleaved allocation) merges the
-prefix's in-place runs with the chunk's own causal keys by log-sum-exp. Slow twin:
+over a cached prefix (an earlier chunk, prefix-cache blocks) merges the prefix's in-place runs,
+unmasked, with the chunk's own causal keys by log-sum-exp. Slow twin:
 ReferenceAttentionBackend ("reference"); equal within 1e-5 in fp32
 (tests/test_paged_attention.py).
 """
@@ -68,12 +68,9 @@ class PagedAttentionBackend(ReferenceAttentionBackend):
             num_computed, num_new = metadata.num_computed_tokens[r], metadata.query_lens[r]
             if num_computed == 0:
                 out[rows] = _sdpa(q[rows], k[rows], v[rows], scale, is_causal=True)
-            elif num_new > 1 and len(runs) == 1:
-                first, n = runs[0]
-                mask = torch.ones(num_new, n, dtype=torch.bool, device=q.device)
-                out[rows] = _sdpa(q[rows], k_flat[first:first + n], v_flat[first:first + n],
-                                  scale, mask=mask.tril(num_computed))
             elif num_new > 1:
+                # NOTE: not one SDPA over prefix + chunk with a tril mask: a mask makes the CPU
+                # kernel compute every pair (no causal skipping), 2x the work of a long chunk
                 out[rows] = self._chunk_over_runs(q[rows], k[rows], v[rows], k_flat, v_flat,
                                                   metadata, r, kv_cache, scale)
             elif len(runs) <= MAX_RUNS:
