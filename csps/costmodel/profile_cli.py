@@ -43,8 +43,8 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--whole-prompts", action="store_true",
                         help="Also batches of whole prompts up to --max-tokens, each on a "
                              "rank of its own, and long-context decodes: the local steps "
-                             "of --scheduler loongserve (slow: 35 min at --max-tokens 7000 "
-                             "on 2 cores, mostly its long-context decode batches).")
+                             "of --scheduler loongserve (slow: a 2-worker profile at "
+                             "--max-tokens 7000 took 26 min on 2 cores).")
     parser.set_defaults(handler=profile_command, parser=parser)
 
 
