@@ -1,6 +1,7 @@
 """A prefill chunk over a cached prefix, on CPU: one SDPA over prefix + chunk with a tril mask
-(the paged backend's path for a prefix in one run of blocks before 2026-12-07) against the
-path it takes now (the prefix unmasked plus the chunk's own keys causal, merged by LSE).
+(the paged backend's path for a prefix in one run of blocks before 2026-12-07, rebuilt here)
+against the backend itself, which now merges the prefix, unmasked, with the chunk's own causal
+keys by LSE (PagedAttentionBackend.forward on a cache whose blocks form one run).
 
     .venv/bin/python benchmarks/chunk_attention.py --out benchmarks/results/chunk_attention.json
 
@@ -17,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from csps.attention.merge import merge_attn_states
-from csps.attention.partial import partial_attention
+from csps.attention import AttentionMetadata, get_attention_backend
 from csps.attention.reference import _sdpa
+from csps.kvcache.paged_cache import allocate_kv_caches
 
-NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 9, 3, 64
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
 CASES = ((64, 512), (64, 3000), (64, 6872), (2048, 512), (4096, 2048))  # (prefix, chunk)
 
 
@@ -31,11 +32,17 @@ def masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int) -> to
     return _sdpa(q, k, v, HEAD_DIM ** -0.5, mask=mask)
 
 
-def merged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int) -> torch.Tensor:
-    """The same: the prefix unmasked, the chunk's own keys causal, merged by LSE."""
-    parts = [partial_attention(q, k[:prefix], v[:prefix]),
-             partial_attention(q, k[prefix:], v[prefix:], causal=True)]
-    return merge_attn_states([p[0] for p in parts], [p[1] for p in parts])[0]
+def paged_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int) -> tuple:
+    """The paged backend's forward arguments for the same: the prefix's K/V already in a
+    cache whose blocks (0..) form one run, the chunk's q/k/v new, the prefix computed."""
+    num_blocks = -(-k.shape[0] // BLOCK_SIZE)
+    cache = allocate_kv_caches(1, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, q.dtype,
+                               "cpu")[0]
+    cache.k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[:prefix] = k[:prefix]
+    cache.v_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[:prefix] = v[:prefix]
+    metadata = AttentionMetadata.build([(prefix, q.shape[0], list(range(num_blocks)))],
+                                       BLOCK_SIZE, "cpu")
+    return q, k[prefix:], v[prefix:], cache, metadata
 
 
 def best_of(fn, *args, runs: int = 3) -> float:
@@ -48,6 +55,9 @@ def best_of(fn, *args, runs: int = 3) -> float:
     return min(times)
 
 
+BACKEND = get_attention_backend("paged")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/chunk_attention.json"))
@@ -58,9 +68,10 @@ def main() -> None:
         q = torch.randn(chunk, NUM_HEADS, HEAD_DIM)  # [chunk, Hq, D]
         k, v = (torch.randn(prefix + chunk, NUM_KV_HEADS, HEAD_DIM) for _ in range(2))
         with torch.inference_mode():
-            diff = (masked(q, k, v, prefix) - merged(q, k, v, prefix)).abs().max().item()
+            inputs = paged_inputs(q, k, v, prefix)
+            diff = (masked(q, k, v, prefix) - BACKEND.forward(*inputs)).abs().max().item()
             row = {"prefix": prefix, "chunk": chunk, "masked_s": best_of(masked, q, k, v, prefix),
-                   "merged_s": best_of(merged, q, k, v, prefix), "max_abs_diff": diff}
+                   "merged_s": best_of(BACKEND.forward, *inputs), "max_abs_diff": diff}
         row["speedup"] = row["masked_s"] / row["merged_s"]
         rows.append(row)
         print(f"prefix {prefix:5d} chunk {chunk:5d}: masked {row['masked_s']:.3f} s, merged "

@@ -23,9 +23,9 @@ absolute error of TTFT, TBT = the request's mean ITL, and E2E; target <= 15%) an
 LABEL-validation.png (real vs simulated scatter) to --out-dir.
 
 With --against SECOND.json (a second real run of the same workload and flags) nothing is
-simulated: the second run (its request i is the first's request i) takes the replay's place,
-and the same table gives the run-to-run noise of the machine, the floor under any replay's
-error.
+simulated (no LABEL-sim.json): the second run (its request i is the first's request i) takes
+the replay's place, and the same table gives the run-to-run noise of the machine, the floor
+under any replay's error.
 """
 
 from __future__ import annotations
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
               "against": None if args.against is None else str(args.against),
               "target_median_abs_error": TARGET,
               "metrics": comparison}
-    (args.out_dir / f"{label}-sim.json").write_text(json.dumps(simulated) + "\n")
+    if args.against is None:  # with --against, "simulated" is the second run's own data
+        (args.out_dir / f"{label}-sim.json").write_text(json.dumps(simulated) + "\n")
     (args.out_dir / f"{label}-validation.json").write_text(json.dumps(report, indent=1) + "\n")
     text = table(comparison)
     (args.out_dir / f"{label}-validation.md").write_text(text)
