@@ -107,6 +107,12 @@ class SchedulerConfig:
         "sps2 with a cost model: seconds a step may take; the configurator picks the SP degree "
         "and slice size with the least predicted TTFT whose predicted step time stays under "
         "it (unset: --sp-prefill-chunk)."))
+    consolidate_decode_kv: float = field(default=0.0, metadata=_help(
+        "sps2 on per-instance steps: after an SP prefill, move the request's KV onto one rank "
+        "of its group (the highest that holds it with room for its output), so its decodes run "
+        "there alone; and give a long prompt a group of instances no decode uses when its "
+        "predicted TTFT is at most this factor times the best group's (decodes then never ride "
+        "in its slices). 0: off (KV stays where the prefill wrote it; groups by TTFT alone)."))
     lockstep: bool = field(default=False, metadata=_help(
         "sps2 and loongserve: run one step over all SP ranks at a time (the engine before "
         "per-instance steps: SP prefills whole and alone, decode iterations between), for "
@@ -151,6 +157,9 @@ class SchedulerConfig:
             raise ValueError("long_prompt_threshold must be positive")
         if self.sp_prefill_chunk < 0:
             raise ValueError("sp_prefill_chunk must be >= 0 (0: whole prompts)")
+        if self.consolidate_decode_kv and not self.consolidate_decode_kv >= 1:
+            raise ValueError(f"consolidate_decode_kv must be 0 (off) or a factor >= 1, got "
+                             f"{self.consolidate_decode_kv}")
         if self.slo_tbt is not None and not self.slo_tbt > 0:
             raise ValueError(f"slo_tbt must be a positive number of seconds, got {self.slo_tbt}")
         if any(d < 1 for d in self.allowed_sp_degrees):

@@ -12,14 +12,11 @@ equal a single-process engine's on the same weights.
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
+from costed_model import copy_with_cost_model, recording_engine
 
-from csps.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from csps.costmodel.fitted import FittedCostModel
-from csps.costmodel.shape import ModelShape
 from csps.request import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -31,38 +28,13 @@ BLOCK = 16
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dir, tmp_path_factory):
-    from test_executor import save_byte_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_steps")
-    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
-    save_byte_tokenizer(folder)
-    shape = ModelShape.from_config_file(folder / "config.json", dtype_bytes=4)
-    FittedCostModel(per_iteration_s=2e-3, per_token_s=2e-5, per_seq_s=1e-4, per_sampled_s=5e-5,
-                    per_attn_pair_s=2e-8, per_decode_kv_token_s=1e-7, per_byte_s=2e-9,
-                    per_collective_s=5e-5, name="tiny-test", shape=shape).to_json(
-                        folder / "cost.json")
-    return folder
+    return copy_with_cost_model(tiny_model_dir, tmp_path_factory.mktemp("tiny_steps"))
 
 
 def _serve(model_dir, sp: int, policy: str, **scheduler) -> tuple[dict, list, dict]:
     """Greedy tokens per request, the steps scheduled (with the time each was scheduled) and
     each request's token arrival times (time.monotonic(), as the engine returns them)."""
-    from csps.engine.llm_engine import LLMEngine
-
-    engine = LLMEngine(EngineConfig(
-        model=ModelConfig(model=str(model_dir), max_model_len=512, dtype="float32"),
-        cache=CacheConfig(block_size=BLOCK, kv_cache_memory_bytes=8 << 20),
-        scheduler=SchedulerConfig(policy=policy, max_num_batched_tokens=64,
-                                  long_prompt_threshold=128, **scheduler),
-        parallel=ParallelConfig(sequence_parallel_size=sp)))
-    steps = []
-    schedule_steps = engine.scheduler.schedule_steps
-
-    def recording():
-        new = schedule_steps()
-        steps.extend((time.monotonic(), step) for step in new)
-        return new
-    engine.scheduler.schedule_steps = recording
+    engine, steps = recording_engine(model_dir, sp, policy, BLOCK, **scheduler)
     try:
         tokens: dict[str, list[int]] = {}
         times: dict[str, list[float]] = {f"r{i}": [] for i in range(len(PROMPT_LENS))}

@@ -109,3 +109,16 @@ def test_costmodel_imports_without_torch():
     code = ("import sys\nimport csps.costmodel.work, csps.costmodel.sp_work\n"
             "sys.exit(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_kv_moves_count_whole_blocks_at_both_ends():
+    from csps.contract.step import KvMove
+
+    moves = [KvMove("r", TokenRange(0, 0, 32, (1, 2)), TokenRange(2, 0, 32, (5, 6))),
+             KvMove("r", TokenRange(1, 32, 40, (3,)), TokenRange(2, 32, 40, (7,)))]
+    works = iteration_work(SchedulerOutput(0, [], kv_moves=moves), SHAPE, _parallel(4), 16)
+    block = 16 * 2 * SHAPE.num_kv_heads * SHAPE.head_dim * 4 * SHAPE.num_layers  # K and V
+    assert [w.comm_bytes.get("kv_transfer", 0) for w in works] == [2 * block, block,
+                                                                  3 * block, 0]
+    assert [w.num_collectives for w in works] == [3, 3, 3, 0]  # one all-to-all per layer
+    assert works[3].is_idle

@@ -11,14 +11,12 @@ a single-process engine's on the same weights (the sub-group ring with scale-dow
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
+from costed_model import copy_with_cost_model
 
 from csps.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from csps.costmodel.fitted import FittedCostModel
-from csps.costmodel.shape import ModelShape
 from csps.request import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -32,17 +30,9 @@ LONG = ("r2", 480, 4)
 def model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny Llama with a cost model whose attention is dear: a long prompt pays off
     over several instances, a short one does not."""
-    from test_executor import save_byte_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_loong")
-    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
-    save_byte_tokenizer(folder)
-    shape = ModelShape.from_config_file(folder / "config.json", dtype_bytes=4)
-    FittedCostModel(per_iteration_s=2e-3, per_token_s=2e-5, per_seq_s=1e-4, per_sampled_s=5e-5,
-                    per_attn_pair_s=2e-6, per_decode_kv_token_s=1e-7, per_byte_s=2e-9,
-                    per_collective_s=1e-3, name="tiny-attention-bound", shape=shape).to_json(
-                        folder / "cost.json")
-    return folder
+    return copy_with_cost_model(tiny_model_dir, tmp_path_factory.mktemp("tiny_loong"),
+                                "tiny-attention-bound", per_attn_pair_s=2e-6,
+                                per_collective_s=1e-3)
 
 
 def _serve(model_dir, sp: int, policy: str, **scheduler):

@@ -5,7 +5,7 @@ traces are checked against their recorded decisions in test_sim_engine_decisions
 from __future__ import annotations
 
 from csps.contract.sp_attention import SpAttention
-from csps.contract.step import ScheduledRequest, SchedulerOutput, Step
+from csps.contract.step import KvMove, ScheduledRequest, SchedulerOutput, Step
 from csps.contract.step_trace import StepTraceWriter, read_step_trace
 from csps.contract.token_range import TokenRange
 from csps.request import SamplingParams
@@ -19,7 +19,9 @@ def _step() -> Step:
         sp_attention=SpAttention.parse("csa", "1:1,2:4", "sampled", "2x64"))
     decode = ScheduledRequest("short", [5], 40, [11, 12, 13], SamplingParams(), True,
                               kv_ranges=(TokenRange(1, 0, 41, (11, 12, 13)),), leader=1)
-    return Step(7, (0, 1), SchedulerOutput(3, [decode, sp_prefill]))
+    move = KvMove("long", TokenRange(0, 0, 80, (1, 2, 3, 4, 5)),
+                  TokenRange(1, 0, 80, (20, 21, 22, 23, 24)))
+    return Step(7, (0, 1), SchedulerOutput(3, [decode, sp_prefill], kv_moves=[move]))
 
 
 def _cost_fields(r: ScheduledRequest) -> tuple:
@@ -46,5 +48,8 @@ def test_a_traced_step_reads_back_as_it_ran(tmp_path):
     assert second.scheduler_output.iteration == 3
     ran = [_cost_fields(r) for r in step.scheduler_output.scheduled_requests]
     assert [_cost_fields(r) for r in second.scheduler_output.scheduled_requests] == ran
+    assert first.scheduler_output.kv_moves == []
+    assert [(m.request_id, m.src.rank, m.dst.rank, m.src.start, m.src.end, len(m.dst.block_ids))
+            for m in second.scheduler_output.kv_moves] == [("long", 0, 1, 0, 80, 5)]
     prefill = second.scheduler_output.scheduled_requests[1]
     assert prefill.is_sp_prefill and prefill.sp_attention.csa.micro_batch_tokens == 64

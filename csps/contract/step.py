@@ -13,7 +13,7 @@ from csps.contract.token_range import TokenRange
 from csps.request import SamplingParams  # a request's plain values (request.py imports nothing)
 
 # What workers' traffic is counted by (RunnerOutput.comm_bytes keys; parallel/comm.py).
-COMM_PHASES = ("prefill_attn", "decode_attn", "tp", "control")
+COMM_PHASES = ("prefill_attn", "decode_attn", "tp", "control", "kv_transfer")
 
 
 @dataclass
@@ -67,6 +67,24 @@ class ScheduledRequest:
         return self.do_sample and len(self.token_ids) == 1 and self.num_computed_tokens > 0
 
 
+@dataclass(frozen=True)
+class KvMove:
+    """Copy positions [src.start, src.end) of a request's KV from SP rank src.rank's blocks to
+    dst.rank's blocks (whole blocks, every layer) once the step's forward has run; the
+    scheduler then frees the source blocks (sps2's consolidation after an SP prefill)."""
+
+    request_id: str
+    src: TokenRange
+    dst: TokenRange
+
+    def __post_init__(self) -> None:
+        if (self.src.start, self.src.end) != (self.dst.start, self.dst.end) or (
+                self.src.rank == self.dst.rank
+                or len(self.src.block_ids) != len(self.dst.block_ids)):
+            raise ValueError(f"{self.request_id}: a KV move copies one range's blocks to "
+                             f"another rank, got {self.src} -> {self.dst}")
+
+
 @dataclass
 class SchedulerOutput:
     """Everything a worker needs for one iteration. Decode requests come first, then prefills."""
@@ -75,6 +93,7 @@ class SchedulerOutput:
     scheduled_requests: list[ScheduledRequest] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)  # drop per-request worker state
     preempted_request_ids: list[str] = field(default_factory=list)
+    kv_moves: list[KvMove] = field(default_factory=list)  # run after the forward, in order
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -90,7 +109,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled_requests
+        return not (self.scheduled_requests or self.kv_moves)
 
 
 @dataclass

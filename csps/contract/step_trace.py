@@ -4,7 +4,8 @@ model one by one and set beside a replay's (benchmarks/step_trace_compare.py). P
 
 A line holds the step's id, instances, start and end (seconds from the trace's origin: the
 engine's start, or simulated time 0) and each scheduled request as the cost model reads it:
-token and block counts instead of ids, no sampling state. `read_step_trace` rebuilds the
+token and block counts instead of ids, no sampling state; a step's KV moves, if any, as
+(request, source rank, destination rank, positions, block count). `read_step_trace` rebuilds the
 steps' SchedulerOutputs from those lines (placeholder token and block ids of the right counts).
 """
 
@@ -17,7 +18,7 @@ from typing import TextIO
 
 from csps.contract.csa_config import CsaConfig
 from csps.contract.sp_attention import SpAttention
-from csps.contract.step import ScheduledRequest, SchedulerOutput, Step
+from csps.contract.step import KvMove, ScheduledRequest, SchedulerOutput, Step
 from csps.contract.token_range import TokenRange
 from csps.request import SamplingParams
 
@@ -70,6 +71,12 @@ def _request_from(line: dict) -> ScheduledRequest:
         sp_attention=attention)
 
 
+def _move_from(move: list) -> KvMove:
+    request_id, src, dst, start, end, blocks = move
+    return KvMove(request_id, TokenRange(src, start, end, (0,) * blocks),
+                  TokenRange(dst, start, end, (0,) * blocks))
+
+
 class StepTraceWriter:
     """Appends a line per finished step: `started(step, t)` when it is launched, `finished(step,
     t)` when its output is booked; t in seconds from any fixed origin."""
@@ -87,6 +94,9 @@ class StepTraceWriter:
         line = {"step": step.step_id, "replica": replica, "instances": list(step.instances),
                 "start_s": start, "end_s": at_s, "iteration": output.iteration,
                 "requests": [_request_line(r) for r in output.scheduled_requests]}
+        if output.kv_moves:  # [id, src rank, dst rank, start, end, blocks] per move
+            line["moves"] = [[m.request_id, m.src.rank, m.dst.rank, m.src.start, m.src.end,
+                              len(m.src.block_ids)] for m in output.kv_moves]
         self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
         self._file.flush()
 
@@ -102,7 +112,8 @@ def read_step_trace(path: str | Path) -> list[TracedStep]:
             continue
         line = json.loads(text)
         output = SchedulerOutput(line["iteration"],
-                                 [_request_from(r) for r in line["requests"]])
+                                 [_request_from(r) for r in line["requests"]],
+                                 kv_moves=[_move_from(m) for m in line.get("moves", ())])
         steps.append(TracedStep(line["step"], tuple(line["instances"]), line["start_s"],
                                 line["end_s"], output, line.get("replica", 0)))
     return steps

@@ -28,7 +28,7 @@ from csps.costmodel.shape import ModelShape
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # Phases whose collectives span the SP x TP world; "tp" stays inside a TP group.
-WORLD_PHASES = ("prefill_attn", "decode_attn", "control")
+WORLD_PHASES = ("prefill_attn", "decode_attn", "control", "kv_transfer")
 
 
 @dataclass(frozen=True, slots=True)

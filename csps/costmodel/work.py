@@ -30,6 +30,29 @@ def iteration_work(output: SchedulerOutput, shape: ModelShape, parallel: Paralle
     up per rank with the rest of the iteration; the real workers run one alone, the
     simulator's policies may emit several on disjoint groups.
     """
+    works = _step_work(output, shape, parallel, block_size, tp_rank)
+    if output.kv_moves:
+        _add_moves(works, output, shape, parallel, block_size, tp_rank)
+    return works
+
+
+def _add_moves(works: list[RankWork], output: SchedulerOutput, shape: ModelShape,
+               parallel: ParallelConfig, block_size: int, tp_rank: int) -> None:
+    """KV moves after the forward (kv_moves.py): whole blocks of every layer, this TP member's
+    heads, one all-to-all per layer on the step's group; the source sends them and the
+    destination's link takes them all (its bytes count the received ones too)."""
+    hkv = tp_heads(shape, parallel.tensor_parallel_size, tp_rank)[1]
+    per_token = 2 * hkv * shape.head_dim * shape.dtype_bytes * shape.num_layers
+    for move in output.kv_moves:
+        num_bytes = len(move.src.block_ids) * block_size * per_token
+        add_bytes(works[move.src.rank], "kv_transfer", num_bytes)
+        add_bytes(works[move.dst.rank], "kv_transfer", num_bytes)
+    for rank in {m.src.rank for m in output.kv_moves} | {m.dst.rank for m in output.kv_moves}:
+        works[rank].num_collectives += shape.num_layers
+
+
+def _step_work(output: SchedulerOutput, shape: ModelShape, parallel: ParallelConfig,
+               block_size: int, tp_rank: int) -> list[RankWork]:
     sp_prefills = [r for r in output.scheduled_requests if r.is_sp_prefill]
     if not sp_prefills:
         return _local_work(output.scheduled_requests, shape, parallel, block_size, tp_rank)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from csps.contract.step import ScheduledRequest, SchedulerOutput, Step
+from csps.contract.step import KvMove, ScheduledRequest, SchedulerOutput, Step
 from csps.contract.token_range import TokenRange
 
 
@@ -20,10 +20,20 @@ def local_output(step: Step) -> SchedulerOutput:
     when a request names a rank outside the step (its KV or its work would be unreachable)."""
     first, size = step.instances[0], len(step.instances)
     output = step.scheduler_output
-    if first == 0 and all(_fits(r, size) for r in output.scheduled_requests):
+    if first == 0 and all(_fits(r, size) for r in output.scheduled_requests) and all(
+            m.src.rank < size and m.dst.rank < size for m in output.kv_moves):
         return output  # a step from rank 0 reads the same locally
     return replace(output, scheduled_requests=[_shift(r, first, size)
-                                               for r in output.scheduled_requests])
+                                               for r in output.scheduled_requests],
+                   kv_moves=[_shift_move(m, first, size) for m in output.kv_moves])
+
+
+def _shift_move(move: KvMove, first: int, size: int) -> KvMove:
+    if not all(first <= r < first + size for r in (move.src.rank, move.dst.rank)):
+        raise ValueError(f"{move.request_id}: KV move {move.src.rank} -> {move.dst.rank} "
+                         f"outside the step's instances {first} .. {first + size - 1}")
+    return KvMove(move.request_id, replace(move.src, rank=move.src.rank - first),
+                  replace(move.dst, rank=move.dst.rank - first))
 
 
 def _fits(request: ScheduledRequest, size: int) -> bool:

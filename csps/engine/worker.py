@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from csps.engine.step_view import local_output
 from csps.kvcache.paged_cache import allocate_kv_caches
 from csps.model.loader import load_model
 from csps.parallel.comm import CommStats
+from csps.parallel.kv_transfer import move_kv_blocks
 
 if TYPE_CHECKING:
     from csps.parallel.groups import ParallelGroups
@@ -52,8 +54,11 @@ class Worker:
         self.device = torch.device(device)
         self.comm_stats = CommStats()
         backend = tp = None
+        self._transfer_comms, self._transfer = {}, None  # KV moves: per step group, the bound
         if groups is not None:
-            from csps.parallel.worker_context import make_parallel_context
+            from csps.parallel.worker_context import make_parallel_context, make_transfer_comms
+
+            self._transfer_comms = make_transfer_comms(groups, self.comm_stats)
 
             csa = (CsaConfig.parse(csa_levels, csa_far_queries, csa_micro_batch)
                    if sp_attention == "csa" else None)
@@ -69,6 +74,7 @@ class Worker:
             head_dim=arch.head_dim, dtype=TORCH_DTYPES[dtype], device=self.device)
         sp_rank, sp_size = (0, 1) if groups is None else (groups.sp_rank, groups.sp_size)
         sampler = Sampler(seed, grammars=GrammarBook(model_dir, arch.vocab_size))
+        self.kv_caches = kv_caches
         self.runner = ModelRunner(self.model, kv_caches, block_size, self.device, sampler,
                                   sp_rank=sp_rank, sp_size=sp_size)
 
@@ -83,12 +89,20 @@ class Worker:
         if not first <= self.groups.sp_rank < first + size:
             raise ValueError(f"SP rank {self.groups.sp_rank} got a step of {step.instances}")
         self.backend.bind(first, size)
+        self._transfer = self._transfer_comms[(first, size)]
         self.runner.sp_rank, self.runner.sp_size = self.groups.sp_rank - first, size
         return self.execute_model(local_output(step))
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        """The forward (and sampling) of one step, then its KV moves."""
         before = dict(self.comm_stats.bytes_sent)
         output = self.runner.execute_model(scheduler_output)
+        if scheduler_output.kv_moves:
+            if self._transfer is None:
+                raise ValueError("KV moves need an SP group (this worker runs alone)")
+            start = time.perf_counter()
+            move_kv_blocks(self._transfer, self.kv_caches, scheduler_output.kv_moves)
+            output.execute_time_s += time.perf_counter() - start
         output.comm_bytes = {phase: n - before[phase] for phase, n
                              in self.comm_stats.bytes_sent.items() if n > before[phase]}
         return output

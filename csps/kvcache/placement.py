@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -22,6 +21,7 @@ from csps.contract.token_range import TokenRange
 from csps.kvcache.block_hash import TokenSource
 from csps.kvcache.block_pool import BlockPool
 from csps.kvcache.kv_cache_manager import cdiv
+from csps.kvcache.kv_moves import KvMoveBooks
 from csps.kvcache.prefix_cache import NO_PREFIX, CachedPrefix, PrefixCache
 
 
@@ -98,8 +98,9 @@ class RequestPlacement:
         return sum(r.num_tokens for r in self.ranges if r.rank == rank)
 
 
-class DistributedKVCacheManager:
-    """One BlockPool per SP rank plus each request's placement and SP group."""
+class DistributedKVCacheManager(KvMoveBooks):
+    """One BlockPool per SP rank plus each request's placement and SP group (and the KV moves
+    in flight, kv_moves.py)."""
 
     def __init__(self, num_ranks: int, num_blocks_per_rank: int, block_size: int,
                  enable_prefix_caching: bool = True) -> None:
@@ -111,6 +112,7 @@ class DistributedKVCacheManager:
         self._placements: dict[str, RequestPlacement] = {}
         self._groups: dict[str, tuple[int, ...]] = {}
         self._sticky: set[str] = set()  # requests whose decode KV stays put while it fits
+        self._init_moves()
 
     def placement(self, request_id: str) -> RequestPlacement | None:
         return self._placements.get(request_id)
@@ -268,6 +270,7 @@ class DistributedKVCacheManager:
         """Return all the request's blocks on every rank (a no-op for an unknown request)."""
         self._groups.pop(request_id, None)
         self._sticky.discard(request_id)
+        self._free_pending(request_id)
         self.prefix_cache.forget(request_id)
         for r in reversed(getattr(self._placements.pop(request_id, None), "ranges", ())):
             self.pools[r.rank].free(reversed(r.block_ids))  # its tail is evicted first
@@ -296,7 +299,7 @@ class DistributedKVCacheManager:
     def check_invariants(self) -> None:
         """Raise AssertionError if any pool or placement is inconsistent: every block's
         reference count is the number of live requests holding it."""
-        held: list[Counter[int]] = [Counter() for _ in self.pools]
+        held = self._pending_held()
         for rid, placement in self._placements.items():
             pos, mine = 0, [set() for _ in self.pools]
             for r in placement.ranges:

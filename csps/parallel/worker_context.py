@@ -1,6 +1,7 @@
 """What a worker process needs from its place in the SP x TP grid: the attention backend for
 its SP group (and each contiguous part of it holding this rank, for steps on part of the
-group) and the tensor-parallel context for its TP group, sharing one CommStats."""
+group), the tensor-parallel context for its TP group and the communicators of KV moves,
+sharing one CommStats."""
 
 from __future__ import annotations
 
@@ -30,3 +31,13 @@ def make_parallel_context(groups: ParallelGroups, sp_attention: str, stats: Comm
         tp = TensorParallelContext(groups.tp_rank, groups.tp_size,
                                    Communicator(groups.tp_group, stats, "tp"))
     return backend, tp
+
+
+def make_transfer_comms(groups: ParallelGroups, stats: CommStats
+                        ) -> dict[tuple[int, int], Communicator]:
+    """(first SP rank, size) -> a Communicator counting KV moves (kv_transfer.py) on that
+    contiguous part of this rank's SP group, the whole group included."""
+    comms = {key: Communicator(group, stats, "kv_transfer")
+             for key, group in groups.sp_subgroups.items()}
+    comms.setdefault((0, groups.sp_size), Communicator(groups.sp_group, stats, "kv_transfer"))
+    return comms

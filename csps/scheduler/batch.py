@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from csps.contract.step import KvMove
 from csps.request import Request
 
 
@@ -10,13 +11,14 @@ class BatchBuilder:
         self.token_budget = token_budget
         self.entries: list[tuple[Request, int]] = []  # (request, tokens scheduled), in order
         self._request_ids: set[str] = set()
+        self.kv_moves: list[KvMove] = []  # copies the step runs after its forward
 
     def __contains__(self, request: Request) -> bool:
         return request.request_id in self._request_ids
 
     @property
     def is_empty(self) -> bool:
-        return not self.entries
+        return not (self.entries or self.kv_moves)
 
     def add(self, request: Request, num_tokens: int) -> None:
         if num_tokens < 1 or num_tokens > self.token_budget:

@@ -21,6 +21,8 @@ it attends to: linear in the slice's index, so the first, the last full and the 
 give the sum exactly under a linear cost model) and its step time the largest slice's plus one
 decode step. The least-TTFT candidate whose step time stays under the SLO wins; if none does,
 the one with the shortest step. Without an SLO every SP prefill slices at the fixed chunk.
+With a decode-free slack F (`--consolidate-decode-kv`) the best choice on instances no running
+request touches wins whenever its TTFT is at most F times the best choice's.
 No torch.
 """
 
@@ -60,10 +62,13 @@ class SpChoice:
 class Sps2Configurator:
     def __init__(self, predictor: StepPredictor, allowed_degrees: Sequence[int] | None = None,
                  csa_candidates: str = "", micro_batch_candidates: str = "",
-                 slo_tbt: float | None = None, chunk: int = 0) -> None:
+                 slo_tbt: float | None = None, chunk: int = 0,
+                 decode_free_slack: float = 0.0) -> None:
         """slo_tbt: seconds a step may take (None: no SLO, slices of `chunk` tokens per rank;
-        0 = whole prompts)."""
+        0 = whole prompts). decode_free_slack: prefer the best group of instances no running
+        request touches when its TTFT is at most this factor times the best (0: never)."""
         self.predictor = predictor
+        self.decode_free_slack = decode_free_slack
         self.slo_tbt, self.chunk = slo_tbt, chunk
         self.allowed_degrees = tuple(allowed_degrees) if allowed_degrees else None
         self.csa_candidates = [c.strip() for c in csa_candidates.split(";") if c.strip()]
@@ -75,18 +80,33 @@ class Sps2Configurator:
         """The least-TTFT candidate whose KV fits now; None when none fits. Only the part
         after the request's cached prefix is priced and placed, on groups holding the prefix
         (degree 1: the prefix's rank); when no such group fits, the whole prompt is."""
+        best = self._best(scheduler, request)
+        if best is None or not self.decode_free_slack:
+            return best
+        busy = {i for r in scheduler.running for i in scheduler.span_of(r.request_id)}
+        if not busy & set(best.ranks):
+            return best
+        apart = self._best(scheduler, request, busy)
+        if apart is not None and apart.ttft_s <= self.decode_free_slack * best.ttft_s:
+            return apart
+        return best
+
+    def _best(self, scheduler: SchedulerBooks, request: Request,
+              busy: set[int] = frozenset()) -> SpChoice | None:
+        """The least-TTFT choice on ranks outside `busy`."""
         prefix = scheduler.cached_prefix(request)
-        choices = self._choices(scheduler, request, prefix)
+        choices = self._choices(scheduler, request, prefix, busy)
         if not choices and prefix.ranges:
-            choices = self._choices(scheduler, request, NO_PREFIX)
+            choices = self._choices(scheduler, request, NO_PREFIX, busy)
         return min(choices, key=lambda c: c.ttft_s, default=None)  # ties: the first
 
     def _choices(self, scheduler: SchedulerBooks, request: Request,
-                 prefix: CachedPrefix) -> list[SpChoice]:
+                 prefix: CachedPrefix, busy: set[int] = frozenset()) -> list[SpChoice]:
         sp_size, n = scheduler.sp_size, request.num_tokens - prefix.num_tokens
         degrees = self.allowed_degrees or range(1, sp_size + 1)
         decode_s = self._decode_time(scheduler)
-        free = [pool.num_free_blocks for pool in scheduler.kv_cache_manager.pools]  # [sp_size]
+        free = [-1 if r in busy else pool.num_free_blocks  # [sp_size]; busy ranks never fit
+                for r, pool in enumerate(scheduler.kv_cache_manager.pools)]
         choices, queue_s = [], None
         for degree in sorted(set(degrees)):
             if not 1 <= degree <= sp_size or degree > n:

@@ -37,9 +37,10 @@ def make_policy(config: SchedulerConfig, predictor: StepPredictor | None = None,
         configurator = None if predictor is None else Sps2Configurator(
             predictor, allowed_degrees, config.sps2_csa_candidates,
             config.sps2_micro_batch_candidates, slo_tbt=config.slo_tbt,
-            chunk=config.sp_prefill_chunk)
+            chunk=config.sp_prefill_chunk, decode_free_slack=config.consolidate_decode_kv)
         return Sps2Policy(config.long_prompt_threshold, config.hybrid_batching, configurator,
-                          concurrent=not config.lockstep, sp_prefill_chunk=config.sp_prefill_chunk)
+                          concurrent=not config.lockstep, sp_prefill_chunk=config.sp_prefill_chunk,
+                          consolidate=bool(config.consolidate_decode_kv))
     if config.policy == "loongserve":
         policy = LoongServePolicy if config.lockstep else LoongServeStepsPolicy
         return policy(predictor, allowed_degrees, config.loongserve_sp_batch)

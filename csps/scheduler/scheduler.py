@@ -212,6 +212,7 @@ class Scheduler(SequenceParallelBooks, StepBooks):
             scheduled_requests=[self._to_scheduled(r, n) for r, n in decodes + prefills],
             finished_request_ids=finished,
             preempted_request_ids=preempted,
+            kv_moves=list(batch.kv_moves),
         )
 
     def _to_scheduled(self, request: Request, num_tokens: int) -> ScheduledRequest:

@@ -159,6 +159,25 @@ class SequenceParallelBooks:
         batch.add(request, num_tokens)
         return True
 
+    def consolidate(self, request: Request, batch: BatchBuilder, target: int) -> bool:
+        """Move the request's KV onto `target` at the end of this step (its last SP slice is in
+        the batch): the step carries the moves, and once it is booked the request decodes
+        there alone, led by it. False (nothing changes) when target cannot take it."""
+        moves = self.kv_cache_manager.plan_moves(request.request_id, target)
+        if not moves:
+            return False
+        batch.kv_moves.extend(moves)
+        return True
+
+    def apply_moves(self, moves) -> None:
+        """A step with KV moves is over: their requests now live (and are led) on the target."""
+        manager = self.kv_cache_manager
+        for request_id in dict.fromkeys(m.request_id for m in moves):
+            pending = manager.pending_moves(request_id)
+            if pending and manager.placement(request_id) is not None:
+                manager.apply_moves(request_id)
+                self._leaders[request_id] = pending[0].dst.rank
+
     def sp_prefill_plan(self, request_id: str) -> SpPrefillSchedule | None:
         """The SP prefill plan of a request still prefilling over a group, else None."""
         return self._sp_prefills.get(request_id)

@@ -14,6 +14,10 @@ Concurrent (the default), per step of a free component of instances:
    decodes instead of local chunks. If the group reaches beyond the component, the group is
    reserved: its instances take no new step until all are free, so instances outside it keep
    serving their own requests meanwhile.
+With `--consolidate-decode-kv F` the step of a long prompt's last slice also moves its KV
+onto one rank of its group (kv_moves.py), where it then decodes alone, and the configurator
+gives a long prompt a group no running request touches when that costs at most F times the
+best group's predicted TTFT (so decodes stop riding in other prompts' slices).
 With `--lockstep` it runs as before per-instance steps (`schedule`): one iteration over every
 instance, prefill and decode iterations alternating, a long prompt prefilled whole and alone.
 """
@@ -50,7 +54,8 @@ class Sps2Policy:
 
     def __init__(self, long_prompt_threshold: int = 1024, hybrid_batching: bool = False,
                  configurator: Sps2Configurator | None = None, concurrent: bool = False,
-                 sp_prefill_chunk: int = 0) -> None:
+                 sp_prefill_chunk: int = 0, consolidate: bool = False) -> None:
+        self.consolidate = consolidate and concurrent  # KV onto one rank after an SP prefill
         self.concurrent = concurrent  # per-instance steps (schedule_step); else schedule()
         self.sp_prefill_chunk = sp_prefill_chunk  # tokens per rank of a slice; 0: whole
         self.long_prompt_threshold = long_prompt_threshold
@@ -132,9 +137,12 @@ class Sps2Policy:
                            and scheduler.sp_prefill_plan(r.request_id) is not None), None)
         if sp_prefill is not None:
             scheduler.schedule_sp_slice(sp_prefill, batch)
+            self._consolidate_if_last(scheduler, sp_prefill, batch)
             return
         if view.waiting and view.can_run_more and self._goes_sp(scheduler, view.waiting[0]):
-            if self._admit_long(view, view.waiting[0], batch):
+            head = view.waiting[0]
+            if self._admit_long(view, head, batch):
+                self._consolidate_if_last(scheduler, head, batch)
                 return
         for request in view.running:
             if request.is_prefill and batch.token_budget > 0 and request not in batch:
@@ -158,6 +166,31 @@ class Sps2Policy:
             return tuple(range(scheduler.sp_size))
         choice = self.configurator.choose(scheduler, scheduler.waiting[0])
         return None if choice is None else choice.ranks
+
+    def _consolidate_if_last(self, scheduler: SchedulerBooks, request: Request,
+                             batch: BatchBuilder) -> None:
+        """With consolidation, when the batch holds the request's last SP slice: move its KV
+        onto the least-loaded rank of its group (fewest used blocks, ties to the highest) that
+        holds all of it plus its remaining output: decode batches stay balanced, and while the
+        load is light decodes gather at the top, leaving the lower instances free together."""
+        if not self.consolidate:
+            return
+        scheduled = next(n for r, n in batch.entries if r is request)
+        if request.num_computed_tokens + scheduled != request.num_tokens:
+            return
+        plan = scheduler.sp_prefill_plan(request.request_id)
+        manager = scheduler.kv_cache_manager
+        group = sorted({r for row in plan.slices or (plan.chunk_lens,)
+                        for r, n in enumerate(row) if n},
+                       key=lambda r: (manager.pools[r].num_used_blocks, -r))
+        output_left = max(0, min(request.max_tokens - len(request.output_token_ids),
+                                 scheduler.max_model_len - request.num_tokens))
+        headroom = -(-output_left // manager.block_size)
+        for rank in group:
+            need = manager.blocks_to_move(request.request_id, rank)
+            if 0 <= need and need + headroom <= manager.pools[rank].num_free_blocks:
+                scheduler.consolidate(request, batch, rank)
+                return
 
     def _step_decodes(self, view: InstanceView, batch: BatchBuilder) -> None:
         for request in list(view.running):

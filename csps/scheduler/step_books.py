@@ -172,4 +172,7 @@ class StepBooks:
             self._busy.pop(i, None)
         self.in_flight_ids.difference_update(
             r.request_id for r in step.scheduler_output.scheduled_requests)
-        return self.update_from_output(step.scheduler_output, runner_output)
+        updates = self.update_from_output(step.scheduler_output, runner_output)
+        if step.scheduler_output.kv_moves:  # the copies are done: point the books at them
+            self.apply_moves(step.scheduler_output.kv_moves)
+        return updates
