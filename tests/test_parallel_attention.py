@@ -150,7 +150,7 @@ def test_bytes_sent_per_path(world_size):
         for rank, counts in enumerate(per_rank):
             bytes_sent, num_calls = counts[path]
             assert bytes_sent == {"prefill_attn": expected[rank], "decode_attn": 0, "tp": 0,
-                                  "control": 0}, (path, rank)
+                                  "control": 0, "kv_transfer": 0}, (path, rank)
             assert num_calls["prefill_attn"] == EXPECTED_CALLS[path](world_size), (path, rank)
 
 

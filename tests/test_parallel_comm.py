@@ -57,7 +57,7 @@ def _results() -> list[dict]:
 
 
 def _bytes(tp: int) -> dict:
-    return {"prefill_attn": 0, "decode_attn": 0, "tp": tp, "control": 0}
+    return {"prefill_attn": 0, "decode_attn": 0, "tp": tp, "control": 0, "kv_transfer": 0}
 
 
 @pytest.mark.parametrize("name, sizes", [("even", [2, 2]), ("uneven", [3, 0])])
