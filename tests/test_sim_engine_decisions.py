@@ -43,8 +43,15 @@ POOL_BLOCKS = 48  # per SP rank: 768 tokens, less than the 1,057 prompt tokens (
 
 
 def decisions(output: SchedulerOutput) -> list[tuple]:
-    return [(r.request_id, r.num_scheduled_tokens, r.num_computed_tokens, r.sp_chunk_lens,
-             tuple(t.rank for t in r.kv_ranges), r.leader) for r in output.scheduled_requests]
+    """Per request its decisions; a step's KV moves, if any, as one more entry of the same
+    shape (no tokens, no chunks; the moves' ranks and positions in place of KV ranks)."""
+    out = [(r.request_id, r.num_scheduled_tokens, r.num_computed_tokens, r.sp_chunk_lens,
+            tuple(t.rank for t in r.kv_ranges), r.leader) for r in output.scheduled_requests]
+    if output.kv_moves:
+        out.append(("kv_moves", 0, 0, None, tuple((m.request_id, m.src.rank, m.dst.rank,
+                                                   m.src.start, m.src.end)
+                                                  for m in output.kv_moves), None))
+    return out
 
 
 def record_decisions(scheduler) -> list[tuple]:
@@ -209,6 +216,8 @@ LONG_FIRST = (500, 480, 40, 450)
     # the configurator picks degree and slice size under the SLO (here: one prompt whole, one
     # in slices of 128 tokens per rank)
     pytest.param("sps2", 2, True, {"lockstep": False, "slo_tbt": 0.01}, marks=SPAWNED),
+    # the long prompts' KV moved onto one instance after their last slice
+    pytest.param("sps2", 2, False, {**CHUNKED, "consolidate_decode_kv": 100.0}, marks=SPAWNED),
     pytest.param("loongserve", 2, True, {"lockstep": True}, marks=SPAWNED),
     # per-instance steps: short prompts side by side, then ring SP prefills scaled down
     pytest.param("loongserve", 2, True, {"lockstep": False}, marks=SPAWNED)])
@@ -246,5 +255,9 @@ def test_simulator_and_engine_schedule_identically(model_dir, cost_model_path,
         assert len(sp_prefills) > 2  # prompts prefilled in slices
         assert any(any(c is not None for *_, c, _, _ in step) and any(
             c is None and n == 1 for _, n, _, c, _, _ in step) for _, step in served)
+    if scheduler.get("consolidate_decode_kv"):  # moved, then decoded on one instance
+        moved = {m[0] for step in served for d in step[1] if d[0] == "kv_moves" for m in d[4]}
+        assert moved and all(len(set(ranks)) == 1 for rid, n, _, chunks, ranks, _ in flat
+                             if rid in moved and n == 1 and chunks is None)
     if policy == "loongserve":  # a ring prefill scaled down: its KV left on fewer ranks
         assert any(len(set(ranks)) < sum(1 for n in chunks if n) for chunks, ranks in sp_prefills)

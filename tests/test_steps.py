@@ -20,10 +20,11 @@ BLOCK = 4
 
 
 def make_scheduler(sp_size=4, num_blocks=64, threshold=32, budget=16, chunk=8, predictor=None,
-                   degrees=None, max_num_seqs=16):
+                   degrees=None, max_num_seqs=16, consolidate=0.0):
     config = SchedulerConfig(policy="sps2", max_num_batched_tokens=budget,
                              long_prompt_threshold=threshold, sp_prefill_chunk=chunk,
-                             lockstep=False, max_num_seqs=max_num_seqs)
+                             lockstep=False, max_num_seqs=max_num_seqs,
+                             consolidate_decode_kv=consolidate)
     return Scheduler(config, DistributedKVCacheManager(sp_size, num_blocks, BLOCK), 512,
                      predictor, degrees)
 
@@ -156,3 +157,50 @@ def test_aborting_a_request_in_flight_frees_it_after_its_step():
     assert sched.kv_cache_manager.num_free_blocks == sched.kv_cache_manager.num_total_blocks
     assert sched.schedule_steps() == [] or True
     assert not sched.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("with_predictor", [False, True])
+@pytest.mark.parametrize("seed", range(3))
+def test_consolidated_requests_decode_on_one_instance_and_free_everything(with_predictor,
+                                                                         seed):
+    """--consolidate-decode-kv on a random workload with aborts, steps finishing in random
+    order: an SP prefill's last slice moves its KV (when a rank of its group has room), the
+    request then decodes over KV on that rank alone, led by it, and no block is left."""
+    rng = random.Random(seed)
+    sched = make_scheduler(sp_size=4, num_blocks=96, chunk=4, threshold=24, consolidate=100.0,
+                           predictor=make_predictor(4) if with_predictor else None,
+                           degrees=(1, 2, 3, 4) if with_predictor else None)
+    for i in range(14):
+        sched.add_request(make_request(f"r{i}", rng.choice([9, 30, 50, 70]),
+                                       max_tokens=rng.randint(1, 12)))
+    aborted = {f"r{i}" for i in rng.sample(range(14), 3)}
+    started, in_flight = [], []
+    for _ in range(3000):
+        new = sched.schedule_steps()
+        started += new
+        in_flight += new
+        if not in_flight:
+            break
+        step = in_flight.pop(rng.randrange(len(in_flight)))
+        ids = {r.request_id for r in step.scheduler_output.scheduled_requests}
+        if ids & aborted and rng.random() < 0.5:  # abort while its step runs
+            sched.abort_requests(sorted(ids & aborted))
+            aborted -= ids
+        finish(sched, step)
+    assert not sched.has_unfinished_requests()
+    manager = sched.kv_cache_manager
+    assert manager.num_free_blocks == manager.num_total_blocks
+    moved_at = {m.request_id: i for i, s in enumerate(started)
+                for m in s.scheduler_output.kv_moves}
+    last_slices = {r.request_id for s in started for r in s.scheduler_output.scheduled_requests
+                   if r.is_sp_prefill and r.do_sample}
+    assert set(moved_at) == last_slices  # every rank has room for any of these prompts
+    for i, s in enumerate(started):
+        for m in s.scheduler_output.kv_moves:  # one destination, inside the step
+            assert m.dst.rank in s.instances and m.src.rank in s.instances
+        for r in s.scheduler_output.scheduled_requests:
+            if r.request_id in moved_at and i > moved_at[r.request_id]:
+                # a decode over KV on one rank (its step is that instance's, or another
+                # prompt's slice it rides in when that prompt's group covers it)
+                (rank,) = {t.rank for t in r.kv_ranges}
+                assert r.is_decode and r.leader == rank and rank in s.instances
