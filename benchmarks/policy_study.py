@@ -47,6 +47,8 @@ SERVERS = {
     "sps2-csa-c1024": [*_SPS2, "--sp-attention", "csa", "--sp-prefill-chunk", "1024"],
     "sps2-csa-c2048": [*_SPS2, "--sp-attention", "csa", "--sp-prefill-chunk", "2048"],
     "sps2-csa-slo1": [*_SPS2, "--sp-attention", "csa", "--slo-tbt", "1.0"],
+    # KV moved onto one instance after each SP prefill, decode-free groups first
+    "sps2-csa-kvc": [*_SPS2, "--sp-attention", "csa", "--consolidate-decode-kv", "100"],
     # issue 13: loongserve on per-instance steps (the default) against its lock-step form,
     # and on 4 workers (real sub-groups of 2 and 3 instances)
     "loongserve-lockstep": ["-sp", "2", "--scheduler", "loongserve", "--sp-attention", "ring",
