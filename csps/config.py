@@ -160,6 +160,9 @@ class SchedulerConfig:
         if self.consolidate_decode_kv and not self.consolidate_decode_kv >= 1:
             raise ValueError(f"consolidate_decode_kv must be 0 (off) or a factor >= 1, got "
                              f"{self.consolidate_decode_kv}")
+        if self.consolidate_decode_kv and self.lockstep:
+            raise ValueError("consolidate_decode_kv moves KV in per-instance steps; it cannot "
+                             "be combined with lockstep")
         if self.slo_tbt is not None and not self.slo_tbt > 0:
             raise ValueError(f"slo_tbt must be a positive number of seconds, got {self.slo_tbt}")
         if any(d < 1 for d in self.allowed_sp_degrees):

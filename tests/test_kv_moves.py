@@ -78,3 +78,13 @@ def test_kv_move_checks_its_ranges():
     with pytest.raises(ValueError, match="copies one range"):
         KvMove("a", src, TokenRange(1, 0, 16, (3,)))  # other positions
     assert KvMove("a", src, TokenRange(1, 0, 32, (5, 6))).dst.rank == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"consolidate_decode_kv": 0.5}, "factor >= 1"),
+    ({"consolidate_decode_kv": 2.0, "lockstep": True}, "lockstep")])
+def test_bad_consolidation_settings_are_refused(kwargs, message):
+    from csps.config import SchedulerConfig
+
+    with pytest.raises(ValueError, match=message):
+        SchedulerConfig(policy="sps2", **kwargs)
