@@ -43,7 +43,7 @@ MODELS = {"llama-3-8b-262k": 1, "yi-34b-200k": 2}  # model -> TP per instance (w
 COLORS = {label: f"C{i}" for i, label in enumerate(
     ["sarathi-2048", "vllm", "sps2", "sps2-dense", "loongserve", "sps2-cluster",
      "sps2-cluster-dense", "sps2-lockstep", "sps2-slo", "sps2-c2048",
-     "loongserve-lockstep", "sps2-kvc", "sps2-kvc1.5"])}  # one per policy
+     "loongserve-lockstep", "sps2-kvc", "sps2-kvc1.5", "sarathi-tp8"])}  # one per policy
 PAPER_UP_TO = dict(zip(FIGURES, (7.5, 1.92, 9.8, 8.2, 5.2), strict=True))
 NORMALIZED = ("mean_normalized_latency_ms", "mean_ttft_per_input_token_ms", "mean_tpot_ms")
 
@@ -68,6 +68,10 @@ def layouts(num_nodes: int, tp: int) -> dict[str, tuple[str, int, int, dict, dic
             # KV consolidated onto one rank after each SP prefill, decode-free groups first
             "sps2-kvc": ("sps2", per_node, num_nodes, {"sp_attention": "csa"},
                          {"consolidate_decode_kv": 100.0}),
+            # sarathi as one TP instance per node (8 GPUs per replica): every long prefill's
+            # chunks then stall every decode of the node, as sps2's whole-node SP groups do
+            "sarathi-tp8": ("sarathi", 1, num_nodes, {"tensor_parallel_size": 8},
+                            {"max_num_batched_tokens": 512}),
             "sps2-kvc1.5": ("sps2", per_node, num_nodes, {"sp_attention": "csa"},
                             {"consolidate_decode_kv": 1.5}),
             # issue 13: loongserve before per-instance steps (its old row, to the digit)
@@ -84,8 +88,8 @@ def sim_config(cluster: str, model: str, label: str) -> SimulationConfig:
     tp = MODELS[model]
     policy, sp, replicas, parallel, scheduler = layouts(nodes, tp)[label]
     engine = EngineConfig(scheduler=SchedulerConfig(policy=policy, **scheduler),
-                          parallel=ParallelConfig(sequence_parallel_size=sp,
-                                                  tensor_parallel_size=tp, **parallel))
+                          parallel=ParallelConfig(**{"sequence_parallel_size": sp,
+                                                     "tensor_parallel_size": tp, **parallel}))
     return SimulationConfig(engine, model=model, cluster=name, num_replicas=replicas)
 
 
