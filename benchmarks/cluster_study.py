@@ -43,7 +43,8 @@ MODELS = {"llama-3-8b-262k": 1, "yi-34b-200k": 2}  # model -> TP per instance (w
 COLORS = {label: f"C{i}" for i, label in enumerate(
     ["sarathi-2048", "vllm", "sps2", "sps2-dense", "loongserve", "sps2-cluster",
      "sps2-cluster-dense", "sps2-lockstep", "sps2-slo", "sps2-c2048",
-     "loongserve-lockstep", "sps2-kvc", "sps2-kvc1.5", "sarathi-tp8"])}  # one per policy
+     "loongserve-lockstep", "sps2-kvc", "sps2-kvc1.5", "sarathi-tp8", "sps2-tp2",
+     "sps2-tp4", "sps2-tp4-kvc", "sps2-tp2-kvc", "sps2-tp4-c256"])}  # one per policy
 PAPER_UP_TO = dict(zip(FIGURES, (7.5, 1.92, 9.8, 8.2, 5.2), strict=True))
 NORMALIZED = ("mean_normalized_latency_ms", "mean_ttft_per_input_token_ms", "mean_tpot_ms")
 
@@ -72,6 +73,20 @@ def layouts(num_nodes: int, tp: int) -> dict[str, tuple[str, int, int, dict, dic
             # chunks then stall every decode of the node, as sps2's whole-node SP groups do
             "sarathi-tp8": ("sarathi", 1, num_nodes, {"tensor_parallel_size": 8},
                             {"max_num_batched_tokens": 512}),
+            # SP x TP (algorithms.md 2.1): TP 2 / 4 inside each SP rank, SP over the rest
+            "sps2-tp2": ("sps2", 4, num_nodes, {"sp_attention": "csa",
+                                                "tensor_parallel_size": 2}, {}),
+            "sps2-tp4": ("sps2", 2, num_nodes, {"sp_attention": "csa",
+                                                "tensor_parallel_size": 4}, {}),
+            "sps2-tp4-kvc": ("sps2", 2, num_nodes, {"sp_attention": "csa",
+                                                    "tensor_parallel_size": 4},
+                             {"consolidate_decode_kv": 100.0}),
+            "sps2-tp2-kvc": ("sps2", 4, num_nodes, {"sp_attention": "csa",
+                                                    "tensor_parallel_size": 2},
+                             {"consolidate_decode_kv": 100.0}),
+            "sps2-tp4-c256": ("sps2", 2, num_nodes, {"sp_attention": "csa",
+                                                     "tensor_parallel_size": 4},
+                              {"sp_prefill_chunk": 256}),
             "sps2-kvc1.5": ("sps2", per_node, num_nodes, {"sp_attention": "csa"},
                             {"consolidate_decode_kv": 1.5}),
             # issue 13: loongserve before per-instance steps (its old row, to the digit)

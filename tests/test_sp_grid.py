@@ -4,7 +4,7 @@ Every rank builds a real Worker from its ParallelGroups and runs the engine's lo
 sps2 Scheduler on every rank decides, each Worker runs its share, the ranks' RunnerOutputs are
 merged as the executor merges them. Checked against one single-process Worker:
 - first-token logits of an SP prefill within 1e-4 (fp32; sums in another order), for
-  P x T in {2, 3, 4} x {1, 2} and every SP algorithm;
+  P x T in {2, 3, 4} x {1, 2} and every SP algorithm (CSA with every stride 1);
 - 32 greedy decode steps identical, with decode KV spread over ranks in 4-token blocks (the
   new token's K/V is often stored on a rank other than the leader), with q-move and kv-move.
 """
@@ -41,9 +41,11 @@ def _prompts(vocab_size: int) -> list[list[int]]:
     return [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENS]
 
 
-def _worker(model_dir, groups=None, sp_attention="ulysses", sp_decode="qmove") -> Worker:
+def _worker(model_dir, groups=None, sp_attention="ulysses", sp_decode="qmove",
+            csa_levels="1:1,2:2") -> Worker:
     return Worker(model_dir, read_arch_config(model_dir), "float32", "cpu", NUM_BLOCKS, BLOCK,
-                  seed=0, groups=groups, sp_attention=sp_attention, sp_decode=sp_decode)
+                  seed=0, groups=groups, sp_attention=sp_attention, sp_decode=sp_decode,
+                  csa_levels=csa_levels)
 
 
 def _prefill_logits(worker: Worker, tokens: list[int], sp_rank: int, sp_size: int):
@@ -80,8 +82,8 @@ def _grid_rank(rank: int, world_size: int, model_dir, sp_size: int, tp_size: int
     groups = init_parallel_groups(sp_size, tp_size, backend="gloo")
     prompts = _prompts(read_arch_config(model_dir).vocab_size)
     result = {"logits": {}}
-    for algorithm in ("ulysses", "allgather_kv", "ring"):
-        worker = _worker(model_dir, groups, algorithm)
+    for algorithm in ("ulysses", "allgather_kv", "ring", "csa"):  # CSA at stride 1: exact
+        worker = _worker(model_dir, groups, algorithm, csa_levels=f"1:1,{sp_size}:1")
         result["logits"][algorithm] = _prefill_logits(worker, prompts[0], groups.sp_rank,
                                                       sp_size)
     config = SchedulerConfig(policy="sps2", long_prompt_threshold=32, max_num_batched_tokens=32)
