@@ -109,7 +109,7 @@ class SchedulerConfig:
         "it (unset: --sp-prefill-chunk)."))
     consolidate_decode_kv: float = field(default=0.0, metadata=_help(
         "sps2 on per-instance steps: after an SP prefill, move the request's KV onto one rank "
-        "of its group (the highest that holds it with room for its output), so its decodes run "
+        "of its group (the least loaded with room for it and its output), so its decodes run "
         "there alone; and give a long prompt a group of instances no decode uses when its "
         "predicted TTFT is at most this factor times the best group's (decodes then never ride "
         "in its slices). 0: off (KV stays where the prefill wrote it; groups by TTFT alone)."))
