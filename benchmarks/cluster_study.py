@@ -44,7 +44,8 @@ COLORS = {label: f"C{i}" for i, label in enumerate(
     ["sarathi-2048", "vllm", "sps2", "sps2-dense", "loongserve", "sps2-cluster",
      "sps2-cluster-dense", "sps2-lockstep", "sps2-slo", "sps2-c2048",
      "loongserve-lockstep", "sps2-kvc", "sps2-kvc1.5", "sarathi-tp8", "sps2-tp2",
-     "sps2-tp4", "sps2-tp4-kvc", "sps2-tp2-kvc", "sps2-tp4-c256"])}  # one per policy
+     "sps2-tp4", "sps2-tp4-kvc", "sps2-tp2-kvc", "sps2-tp4-c256",
+     "sps2-tp4-c384"])}  # one per policy
 PAPER_UP_TO = dict(zip(FIGURES, (7.5, 1.92, 9.8, 8.2, 5.2), strict=True))
 NORMALIZED = ("mean_normalized_latency_ms", "mean_ttft_per_input_token_ms", "mean_tpot_ms")
 
@@ -87,6 +88,9 @@ def layouts(num_nodes: int, tp: int) -> dict[str, tuple[str, int, int, dict, dic
             "sps2-tp4-c256": ("sps2", 2, num_nodes, {"sp_attention": "csa",
                                                      "tensor_parallel_size": 4},
                               {"sp_prefill_chunk": 256}),
+            "sps2-tp4-c384": ("sps2", 2, num_nodes, {"sp_attention": "csa",
+                                                     "tensor_parallel_size": 4},
+                              {"sp_prefill_chunk": 384}),
             "sps2-kvc1.5": ("sps2", per_node, num_nodes, {"sp_attention": "csa"},
                             {"consolidate_decode_kv": 1.5}),
             # issue 13: loongserve before per-instance steps (its old row, to the digit)
