@@ -44,8 +44,7 @@ COLORS = {label: f"C{i}" for i, label in enumerate(
     ["sarathi-2048", "vllm", "sps2", "sps2-dense", "loongserve", "sps2-cluster",
      "sps2-cluster-dense", "sps2-lockstep", "sps2-slo", "sps2-c2048",
      "loongserve-lockstep", "sps2-kvc", "sps2-kvc1.5", "sarathi-tp8", "sps2-tp2",
-     "sps2-tp4", "sps2-tp4-kvc", "sps2-tp2-kvc", "sps2-tp4-c256",
-     "sps2-tp4-c384"])}  # one per policy
+     "sps2-tp4", "sps2-tp4-c256", "sps2-tp4-c384"])}  # one per policy
 PAPER_UP_TO = dict(zip(FIGURES, (7.5, 1.92, 9.8, 8.2, 5.2), strict=True))
 NORMALIZED = ("mean_normalized_latency_ms", "mean_ttft_per_input_token_ms", "mean_tpot_ms")
 
@@ -70,32 +69,20 @@ def layouts(num_nodes: int, tp: int) -> dict[str, tuple[str, int, int, dict, dic
             # KV consolidated onto one rank after each SP prefill, decode-free groups first
             "sps2-kvc": ("sps2", per_node, num_nodes, {"sp_attention": "csa"},
                          {"consolidate_decode_kv": 100.0}),
-            # sarathi as one TP instance per node (8 GPUs per replica): every long prefill's
-            # chunks then stall every decode of the node, as sps2's whole-node SP groups do
+            # sarathi as one TP-8 replica per node (for reference: not Sarathi-Serve's own layout)
             "sarathi-tp8": ("sarathi", 1, num_nodes, {"tensor_parallel_size": 8},
                             {"max_num_batched_tokens": 512}),
-            # SP x TP (algorithms.md 2.1): TP 2 / 4 inside each SP rank, SP over the rest
-            "sps2-tp2": ("sps2", 4, num_nodes, {"sp_attention": "csa",
-                                                "tensor_parallel_size": 2}, {}),
-            "sps2-tp4": ("sps2", 2, num_nodes, {"sp_attention": "csa",
-                                                "tensor_parallel_size": 4}, {}),
-            "sps2-tp4-kvc": ("sps2", 2, num_nodes, {"sp_attention": "csa",
-                                                    "tensor_parallel_size": 4},
-                             {"consolidate_decode_kv": 100.0}),
-            "sps2-tp2-kvc": ("sps2", 4, num_nodes, {"sp_attention": "csa",
-                                                    "tensor_parallel_size": 2},
-                             {"consolidate_decode_kv": 100.0}),
-            "sps2-tp4-c256": ("sps2", 2, num_nodes, {"sp_attention": "csa",
-                                                     "tensor_parallel_size": 4},
-                              {"sp_prefill_chunk": 256}),
-            "sps2-tp4-c384": ("sps2", 2, num_nodes, {"sp_attention": "csa",
-                                                     "tensor_parallel_size": 4},
-                              {"sp_prefill_chunk": 384}),
             "sps2-kvc1.5": ("sps2", per_node, num_nodes, {"sp_attention": "csa"},
                             {"consolidate_decode_kv": 1.5}),
             # issue 13: loongserve before per-instance steps (its old row, to the digit)
             "loongserve-lockstep": ("loongserve", per_node, num_nodes, {"sp_attention": "ring"},
                                     {"loongserve_sp_batch": 0, "lockstep": True})}
+    # SP x TP (algorithms.md 2.1): TP inside each SP rank, SP over the node's rest; CSA
+    for label, sp_tp, chunk in (("sps2-tp2", 2, 512), ("sps2-tp4", 4, 512),
+                                ("sps2-tp4-c256", 4, 256), ("sps2-tp4-c384", 4, 384)):
+        runs[label] = ("sps2", 8 // sp_tp, num_nodes,
+                       {"sp_attention": "csa", "tensor_parallel_size": sp_tp},
+                       {"sp_prefill_chunk": chunk})
     if num_nodes > 1:  # one SP group over the whole cluster: its far levels cross InfiniBand
         runs["sps2-cluster"] = ("sps2", gpus // tp, 1, {"sp_attention": "csa"}, {})
         runs["sps2-cluster-dense"] = ("sps2", gpus // tp, 1, {"sp_attention": "ulysses"}, {})

@@ -54,7 +54,8 @@ class Worker:
         self.device = torch.device(device)
         self.comm_stats = CommStats()
         backend = tp = None
-        self._transfer_comms, self._transfer = {}, None  # KV moves: per step group, the bound
+        # KV moves' communicators: one per contiguous step group, and the bound step's
+        self._transfer_comms, self._transfer = {}, None
         if groups is not None:
             from csps.parallel.worker_context import make_parallel_context, make_transfer_comms
 

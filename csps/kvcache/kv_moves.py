@@ -68,14 +68,13 @@ class KvMoveBooks:
     def apply_moves(self, request_id: str) -> None:
         """The step that copied the request's KV is over: its ranges now live on the target,
         which becomes its decode group (new decode blocks stay there while it has room)."""
-        from csps.kvcache.placement import RequestPlacement
-
         moves = self._pending_moves.pop(request_id, None)
-        if not moves or request_id not in self._placements:
+        current = self._placements.get(request_id)
+        if not moves or current is None:
             return
         copies = {(m.src.rank, m.src.start): m.dst for m in moves}
         ranges: list[TokenRange] = []
-        for held in self._placements[request_id].ranges:
+        for held in current.ranges:
             held = copies.get((held.rank, held.start), held)
             last = ranges[-1] if ranges else None
             if (last is not None and last.rank == held.rank
@@ -87,7 +86,7 @@ class KvMoveBooks:
         for move in reversed(moves):
             self.pools[move.src.rank].free(reversed(move.src.block_ids))
         target = moves[0].dst.rank
-        self._placements[request_id] = RequestPlacement(request_id, ranges)
+        self._placements[request_id] = type(current)(request_id, ranges)  # RequestPlacement
         self._groups[request_id] = (target,)
         self._sticky.add(request_id)
 
